@@ -1,0 +1,59 @@
+"""`moegrok` command line. Each subcommand lives in the module that owns its logic and exposes
+`register(subparsers)`, which adds a parser whose `func(args) -> int` runs it."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from moegrok.errors import MoegrokError
+
+# Subcommand modules, in the order they appear in --help.
+COMMAND_MODULES = [
+    "moegrok.convert.cli",
+    "moegrok.training.cli",
+    "moegrok.analysis.cli",
+    "moegrok.theory.cli",
+    "moegrok.study",
+    "moegrok.olmoe_pipeline",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moegrok",
+        description="Train small MoE LMs, log expert routing, and measure memorization -> generalization.",
+    )
+    from moegrok import __version__
+
+    parser.add_argument("--version", action="version", version=f"moegrok {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # subcommand not built yet
+                continue
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except MoegrokError as e:
+        print(f"moegrok {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"moegrok {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""The run directory: the public contract between producers and consumers.
+
+Producers (the trainer, the OLMoE trajectory pipeline) write run directories; consumers (analysis, theory, outside
+tools) read them through :class:`RunDir` only. Layout::
+
+    RUN_DIR/
+      config.yaml              the resolved config the run was started with
+      meta.json                {"format": "moegrok-run/1", "producer", "num_layers", "num_experts", "top_k",
+                                "d_model", "domains", "finished": bool}
+      probes.jsonl             one line per probe sample, in record row order: {"id", "domain", "text"}
+      tests.jsonl              one line per test item: {"id", "domain", "prompt", "answer"}
+      metrics.jsonl            training scalars, one JSON object per logged step (trainer only)
+      checkpoints/             orbax CheckpointManager directory: model, optimizer, data state (trainer only)
+      records/step_000001000/  one directory per checkpoint, renamed into place when complete (atomic)
+          probe.npz            the probe record, see PROBE_FIELDS
+          eval.json            {"step", "val_loss": {domain: float},
+                                "test": {domain: {"accuracy": float, "ids": [...], "correct": [0/1 ...]}}}
+
+A ``records/`` entry whose name does not start with ``step_`` (e.g. a ``.tmp-*`` directory left by a crash) is
+ignored. Arrays are plain NumPy (``np.load`` reads them without pickle).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from moegrok.errors import MoegrokError
+
+FORMAT = "moegrok-run/1"
+RECORDS = "records"
+
+# name -> (dtype kind, shape in symbols). N probe samples, L MoE layers, E experts, d model width,
+# T token positions, k experts per token.
+PROBE_FIELDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "sample_ids": ("i", ("N",)),
+    "domains": ("U", ("N",)),
+    "sample_loss": ("f", ("N",)),  # mean next-token NLL over the sample's tokens
+    "route_probs": ("f", ("N", "L", "E")),  # full router softmax, mean over non-padding tokens
+    "router_weights": ("f", ("L", "E", "d")),  # row k = expert k's router vector
+    "topk_ids": ("i", ("N", "T", "L", "k")),  # per token, ordered by weight (descending)
+    "topk_weights": ("f", ("N", "T", "L", "k")),
+    "token_mask": ("b", ("N", "T")),  # True on real (non-padding) tokens
+    "tokens": ("i", ("N", "T")),
+}
+
+
+class RunDirError(MoegrokError, ValueError):
+    """A run directory or one of its files is missing or malformed; the message names the file and field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeRecord:
+    step: int
+    sample_ids: np.ndarray
+    domains: np.ndarray
+    sample_loss: np.ndarray
+    route_probs: np.ndarray
+    router_weights: np.ndarray
+    topk_ids: np.ndarray
+    topk_weights: np.ndarray
+    token_mask: np.ndarray
+    tokens: np.ndarray
+
+    @property
+    def num_layers(self) -> int:
+        return self.route_probs.shape[1]
+
+    @property
+    def num_experts(self) -> int:
+        return self.route_probs.shape[2]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalRecord:
+    step: int
+    val_loss: dict[str, float]
+    accuracy: dict[str, float]
+    test_ids: dict[str, list]
+    correct: dict[str, np.ndarray]
+
+
+def validate_probe_arrays(arrays: Mapping[str, Any], where: str) -> dict[str, np.ndarray]:
+    """Check names, dtypes and mutually consistent shapes; returns NumPy arrays. `where` names the source in errors."""
+    out: dict[str, np.ndarray] = {}
+    sizes: dict[str, int] = {}
+    for name, (kind, dims) in PROBE_FIELDS.items():
+        if name not in arrays:
+            raise RunDirError(f"{where}: missing probe field '{name}' (expected shape [{', '.join(dims)}])")
+        a = np.asarray(arrays[name])
+        ok_kind = {"i": "iu", "f": "f", "b": "b", "U": "US"}[kind]
+        if a.dtype.kind not in ok_kind:
+            raise RunDirError(f"{where}: probe field '{name}' has dtype {a.dtype}, expected kind '{kind}'")
+        if a.ndim != len(dims):
+            raise RunDirError(f"{where}: probe field '{name}' has shape {a.shape}, expected [{', '.join(dims)}]")
+        for sym, n in zip(dims, a.shape):
+            if sizes.setdefault(sym, n) != n:
+                raise RunDirError(
+                    f"{where}: probe field '{name}' has {sym}={n} but an earlier field has {sym}={sizes[sym]}")
+        out[name] = a
+    return out
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def step_dirname(step: int) -> str:
+    return f"step_{int(step):09d}"
+
+
+def write_record(run_dir: str | os.PathLike, step: int, probe: Mapping[str, Any], eval_: Mapping[str, Any]) -> Path:
+    """Write `records/step_X/` atomically: build it under a temporary name, then rename it into place."""
+    records = Path(run_dir) / RECORDS
+    records.mkdir(parents=True, exist_ok=True)
+    arrays = validate_probe_arrays(probe, f"probe record for step {step}")
+    tmp = records / f".tmp-{step_dirname(step)}-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    with open(tmp / "probe.npz", "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    (tmp / "eval.json").write_text(json.dumps({"step": int(step), **eval_}, sort_keys=True))
+    final = records / step_dirname(step)
+    if final.exists():  # rewriting a step after a resume: swap, then drop the old one
+        old = records / f".old-{step_dirname(step)}-{uuid.uuid4().hex}"
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    return final
+
+
+def write_meta(run_dir: str | os.PathLike, **fields: Any) -> None:
+    path = Path(run_dir) / "meta.json"
+    meta = json.loads(path.read_text()) if path.exists() else {"format": FORMAT}
+    meta.update(fields)
+    _write_json(path, meta)
+
+
+def write_jsonl(path: str | os.PathLike, rows: list[Mapping[str, Any]]) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise RunDirError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+    return rows
+
+
+class RunDir:
+    """Read-only view of a run directory. Only complete (renamed-into-place) records are visible."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise RunDirError(f"{self.path}: not a directory (expected a moegrok run directory)")
+        meta_path = self.path / "meta.json"
+        if not meta_path.exists():
+            raise RunDirError(f"{meta_path}: missing (is {self.path} a moegrok run directory?)")
+        try:
+            self.meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as e:
+            raise RunDirError(f"{meta_path}: not valid JSON ({e.msg})") from None
+        if self.meta.get("format") != FORMAT:
+            raise RunDirError(f"{meta_path}: field 'format' is {self.meta.get('format')!r}, expected {FORMAT!r}")
+
+    @property
+    def config(self) -> dict:
+        import yaml
+
+        p = self.path / "config.yaml"
+        return yaml.safe_load(p.read_text()) if p.exists() else {}
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.meta.get("finished", False))
+
+    @property
+    def steps(self) -> list[int]:
+        d = self.path / RECORDS
+        if not d.is_dir():
+            return []
+        out = []
+        for p in d.iterdir():
+            if p.name.startswith("step_") and (p / "probe.npz").exists() and (p / "eval.json").exists():
+                out.append(int(p.name[5:]))
+        return sorted(out)
+
+    def _record_dir(self, step: int) -> Path:
+        p = self.path / RECORDS / step_dirname(step)
+        if not p.is_dir():
+            raise RunDirError(f"{p}: no record for step {step}; available steps: {self.steps}")
+        return p
+
+    def probe(self, step: int) -> ProbeRecord:
+        path = self._record_dir(step) / "probe.npz"
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except Exception as e:  # zipfile/ValueError on truncation: name the file
+            raise RunDirError(f"{path}: unreadable probe record ({type(e).__name__}: {e})") from None
+        arrays = validate_probe_arrays(arrays, str(path))
+        return ProbeRecord(step=step, **arrays)
+
+    def eval(self, step: int) -> EvalRecord:
+        path = self._record_dir(step) / "eval.json"
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise RunDirError(f"{path}: not valid JSON ({e.msg})") from None
+        test = raw.get("test", {})
+        return EvalRecord(
+            step=step,
+            val_loss={k: float(v) for k, v in raw.get("val_loss", {}).items()},
+            accuracy={d: float(v["accuracy"]) for d, v in test.items()},
+            test_ids={d: list(v["ids"]) for d, v in test.items()},
+            correct={d: np.asarray(v["correct"], dtype=bool) for d, v in test.items()},
+        )
+
+    @property
+    def probes(self) -> list[dict]:
+        p = self.path / "probes.jsonl"
+        return read_jsonl(p) if p.exists() else []
+
+    @property
+    def tests(self) -> list[dict]:
+        p = self.path / "tests.jsonl"
+        return read_jsonl(p) if p.exists() else []
+
+    def metrics(self) -> list[dict]:
+        p = self.path / "metrics.jsonl"
+        return read_jsonl(p) if p.exists() else []
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r}, steps={self.steps})"
