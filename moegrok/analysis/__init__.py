@@ -1,0 +1,33 @@
+"""Analysis of run directories (SPEC §2-§6): memorization, generalization and grokking lag, pathway distance and
+consistency, their correlation with test accuracy, and the `moegrok analyze` report.
+
+Modules: ``memorization`` (ε search, t*), ``generalization`` (t#, embeddings, Hungarian pairing, lag),
+``consistency`` (S, C, R; JAX), ``pathways`` / ``levenshtein`` (SPEC §4), ``correlations`` (Table 1 and the
+controls beyond it), ``report`` (the whole pipeline, CSV/Markdown/figures), ``cli`` (`moegrok analyze`).
+Names below load lazily so importing this package does not import JAX.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "AnalysisConfig": "moegrok.analysis.report",
+    "analyze": "moegrok.analysis.report",
+    "compute_analysis": "moegrok.analysis.report",
+    "memorized_since": "moegrok.analysis.memorization",
+    "select_epsilon": "moegrok.analysis.memorization",
+    "generalized_since": "moegrok.analysis.generalization",
+    "match_groups": "moegrok.analysis.generalization",
+    "pathway_consistency": "moegrok.analysis.consistency",
+    "correlate": "moegrok.analysis.correlations",
+    "partial_correlation": "moegrok.analysis.correlations",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'moegrok.analysis' has no attribute {name!r}")
+
+
+__all__ = sorted(_EXPORTS)

@@ -1,0 +1,114 @@
+"""Train-step throughput: moegrok (jit, AdamW via optax) vs transformers' OlmoeForCausalLM + torch AdamW, same
+config, same batch, this machine; and the share of step time the probe (routing) record costs.
+
+    python benchmarks/bench_train.py [--layers 4 --hidden 64 --experts 8 --topk 2 --batch 32 --seq 48]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+
+
+def bench(fn, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        fn()
+    t = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - t) / iters
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--inter", type=int, default=64)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--topk", type=int, default=2)
+    ap.add_argument("--vocab", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seq", type=int, default=48)
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--probe-n", type=int, default=256, help="probe-set size for the routing-record share")
+    ap.add_argument("--steps-per-checkpoint", type=int, default=750)
+    args = ap.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from flax import nnx
+    from transformers import OlmoeForCausalLM
+
+    from moegrok.model.config import MoeConfig
+    from moegrok.model.model import MoeLM
+    from moegrok.probe import probe_record
+    from moegrok.training.config import TrainConfig
+    from moegrok.training.optim import make_optimizer
+    from moegrok.training.train import make_train_step
+
+    rs = np.random.RandomState(0)
+    tokens = rs.randint(0, args.vocab, (args.batch, args.seq)).astype(np.int32)
+    mask = np.ones_like(tokens, bool)
+    ntok = args.batch * args.seq
+    print(f"device: {jax.devices()[0].platform}, threads: torch {torch.get_num_threads()}, cpus {os.cpu_count()}")
+    print(f"config: L={args.layers} d={args.hidden} I={args.inter} E={args.experts} k={args.topk} "
+          f"V={args.vocab}; batch {args.batch}x{args.seq}")
+
+    results = {}
+    for impl in ("dense", "ragged"):
+        cfg = MoeConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.inter,
+                        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_experts=args.experts,
+                        num_experts_per_tok=args.topk, moe_impl=impl)
+        model = MoeLM(cfg)
+        tcfg = TrainConfig(weight_decay=1.0, warmup_steps=10)
+        tx = make_optimizer(tcfg, 1000)
+        graphdef, state = nnx.split(model)
+        opt = tx.init(state)
+        step = make_train_step(graphdef, tx, cfg)
+        t_j, m_j = jnp.asarray(tokens), jnp.asarray(mask)
+        carry = [state, opt]
+
+        def run():
+            carry[0], carry[1], m = step(carry[0], carry[1], t_j, m_j)
+            m["loss"].block_until_ready()
+
+        results[impl] = bench(run, 3, args.iters)
+        print(f"moegrok[{impl}]  train step {results[impl] * 1e3:8.2f} ms  {ntok / results[impl]:10.0f} tok/s")
+    best_impl = min(results, key=results.get)
+    ours = results[best_impl]
+
+    hf_cfg = cfg.to_hf_config()
+    hf_cfg.output_router_logits = True
+    hf = OlmoeForCausalLM(hf_cfg).train()
+    opt_t = torch.optim.AdamW(hf.parameters(), lr=1e-3, betas=(0.9, 0.98), weight_decay=1.0)
+    tt = torch.tensor(tokens, dtype=torch.long)
+
+    def run_hf():
+        opt_t.zero_grad(set_to_none=True)
+        out = hf(input_ids=tt, labels=tt, output_router_logits=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+        opt_t.step()
+
+    theirs = bench(run_hf, 3, args.iters)
+    print(f"transformers     train step {theirs * 1e3:8.2f} ms  {ntok / theirs:10.0f} tok/s")
+    print(f"ratio (ours/HF tokens/s, moegrok[{best_impl}]): {theirs / ours:.2f}x")
+
+    # Routing-record share: one probe record per checkpoint vs the steps between checkpoints.
+    cfg = cfg.replace(moe_impl=best_impl)
+    model = MoeLM(cfg)
+    ptok = rs.randint(0, args.vocab, (args.probe_n, args.seq)).astype(np.int32)
+    pmask = np.ones_like(ptok, bool)
+    ids, doms = np.arange(args.probe_n), ["d"] * args.probe_n
+    t_probe = bench(lambda: probe_record(model, ptok, pmask, ids, doms, batch_size=128), 1, 3)
+    share = t_probe / (t_probe + args.steps_per_checkpoint * ours)
+    print(f"probe record ({args.probe_n} samples): {t_probe * 1e3:.1f} ms = {share * 100:.2f}% of the time between "
+          f"checkpoints ({args.steps_per_checkpoint} steps)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,476 @@
+"""Hugging Face OLMoE checkpoints <-> `MoeLM`.
+
+A HF OLMoE directory holds `config.json` and either `model.safetensors` or shards listed in
+`model.safetensors.index.json`. Hub checkpoints (and `save_pretrained`) store experts one by one,
+`model.layers.N.mlp.experts.M.{gate,up,down}_proj.weight` (torch Linear, `[out, in]`); newer `transformers` keeps
+them fused in memory (`mlp.experts.gate_up_proj [E, 2I, D]`, gate half first, and `mlp.experts.down_proj [E, D, I]`),
+and we read that layout too. Our parameters are `[in, out]`; experts are `gate_up [E, D, 2I]`, `down [E, I, D]`.
+
+Loading streams: the model is built abstractly and filled one parameter at a time from plain file reads, so peak
+memory stays near one copy of the weights. Everything about the checkpoint (keys, shapes, dtypes, shards, byte
+ranges) is validated from the headers before any tensor data is read.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import types
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+
+from moegrok.convert import safetensors_io as st
+from moegrok.errors import MoegrokError
+from moegrok.model.config import DTYPES, MoeConfig
+
+CONFIG = "config.json"
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+FLOAT_CODES = ("F32", "BF16", "F16", "F64")
+IGNORED_KEY = re.compile(r".*rotary_emb\.inv_freq$")  # a buffer some older exports carry; recomputed, never loaded
+
+# `OlmoeConfig`'s defaults for keys a config.json may omit. Kept here so loading does not import transformers
+# (and with it torch: ~200 MB of RSS and seconds of start-up); tests check them against the real class.
+HF_OLMOE_DEFAULTS: dict[str, Any] = dict(
+    vocab_size=50304, hidden_size=2048, intermediate_size=2048, num_hidden_layers=16, num_attention_heads=16,
+    num_key_value_heads=None, hidden_act="silu", max_position_embeddings=4096, initializer_range=0.02,
+    rms_norm_eps=1e-5, pad_token_id=1, bos_token_id=None, eos_token_id=50279, tie_word_embeddings=False,
+    attention_bias=False, clip_qkv=None, num_experts_per_tok=8, num_experts=64, router_aux_loss_coef=0.01,
+    norm_topk_prob=False,
+)
+
+
+# ----------------------------------------------------------------------------------------------------- config
+def moe_config_from_hf_json(d: Mapping[str, Any], where: str = CONFIG, **overrides: Any) -> MoeConfig:
+    """A HF OLMoE `config.json` dict -> MoeConfig (same result as `MoeConfig.from_hf_config(OlmoeConfig(**d))`)."""
+    if not isinstance(d, Mapping):
+        raise MoegrokError(f"{where}: expected a JSON object")
+    if d.get("model_type") != "olmoe":
+        raise MoegrokError(f"{where}: model_type is {d.get('model_type')!r}, expected 'olmoe' (only OLMoE "
+                           f"checkpoints can be loaded)")
+    merged = {**HF_OLMOE_DEFAULTS, **{k: v for k, v in d.items() if k in HF_OLMOE_DEFAULTS}}
+    if merged["num_key_value_heads"] is None:
+        merged["num_key_value_heads"] = merged["num_attention_heads"]
+    if d.get("rope_scaling") is not None:  # the pre-5.0 name for non-default RoPE
+        raise MoegrokError(f"{where}: rope_scaling {d['rope_scaling']!r} is not supported (only default RoPE)")
+    rope = d.get("rope_parameters") or {"rope_type": "default", "rope_theta": d.get("rope_theta", 10000.0)}
+    hf_like = types.SimpleNamespace(model_type="olmoe", rope_parameters=rope, **merged)
+    try:
+        return MoeConfig.from_hf_config(hf_like, **overrides)
+    except MoegrokError as e:
+        raise MoegrokError(f"{where}: {e}") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise MoegrokError(f"{where}: invalid value ({e})") from None
+
+
+def hf_config_dict(cfg: MoeConfig, dtype: str) -> dict[str, Any]:
+    """The config.json we write: `cfg.to_hf_config()` as HF serialises it, plus architecture and dtype."""
+    hf = cfg.to_hf_config()
+    hf.architectures = ["OlmoeForCausalLM"]
+    d = json.loads(hf.to_json_string(use_diff=True))
+    d["dtype"] = dtype
+    return d
+
+
+def _read_json(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise MoegrokError(f"{path}: missing ({what})")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MoegrokError(f"{path}: not valid JSON ({e})") from None
+
+
+# -------------------------------------------------------------------------------------------- tensor mapping
+def _simple_pairs(cfg: MoeConfig) -> list[tuple[tuple[str, ...], str, bool]]:
+    """(our param path, HF key, transposed?) for every tensor that maps one-to-one (all but the experts)."""
+    pairs = [(("embed",), "model.embed_tokens.weight", False)]
+    for i in range(cfg.num_hidden_layers):
+        L, p = ("layers", str(i)), f"model.layers.{i}."
+        pairs += [
+            (L + ("attn", "wq"), p + "self_attn.q_proj.weight", True),
+            (L + ("attn", "wk"), p + "self_attn.k_proj.weight", True),
+            (L + ("attn", "wv"), p + "self_attn.v_proj.weight", True),
+            (L + ("attn", "wo"), p + "self_attn.o_proj.weight", True),
+            (L + ("attn", "q_norm", "scale"), p + "self_attn.q_norm.weight", False),
+            (L + ("attn", "k_norm", "scale"), p + "self_attn.k_norm.weight", False),
+            (L + ("moe", "router"), p + "mlp.gate.weight", True),
+            (L + ("input_norm", "scale"), p + "input_layernorm.weight", False),
+            (L + ("post_attn_norm", "scale"), p + "post_attention_layernorm.weight", False),
+        ]
+    pairs.append((("norm", "scale"), "model.norm.weight", False))
+    if not cfg.tie_word_embeddings:
+        pairs.append((("lm_head",), "lm_head.weight", True))
+    return pairs
+
+
+def expert_key(layer: int, expert: int, proj: str) -> str:
+    return f"model.layers.{layer}.mlp.experts.{expert}.{proj}_proj.weight"
+
+
+def fused_keys(layer: int) -> tuple[str, str]:
+    return f"model.layers.{layer}.mlp.experts.gate_up_proj", f"model.layers.{layer}.mlp.experts.down_proj"
+
+
+def expected_hf_shapes(cfg: MoeConfig, fused_layers: frozenset[int] = frozenset()) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor a checkpoint of `cfg` must hold, with its shape (torch `[out, in]` layout)."""
+    D, I, E, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, cfg.vocab_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (V, D)
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": (q, D), p + "self_attn.k_proj.weight": (kv, D),
+            p + "self_attn.v_proj.weight": (kv, D), p + "self_attn.o_proj.weight": (D, q),
+            p + "self_attn.q_norm.weight": (q,), p + "self_attn.k_norm.weight": (kv,),
+            p + "mlp.gate.weight": (E, D), p + "input_layernorm.weight": (D,),
+            p + "post_attention_layernorm.weight": (D,),
+        })
+        if i in fused_layers:
+            gu, dn = fused_keys(i)
+            shapes[gu], shapes[dn] = (E, 2 * I, D), (E, D, I)
+        else:
+            for e in range(E):
+                shapes[expert_key(i, e, "gate")] = (I, D)
+                shapes[expert_key(i, e, "up")] = (I, D)
+                shapes[expert_key(i, e, "down")] = (D, I)
+    return shapes
+
+
+# ------------------------------------------------------------------------------------------- checkpoint files
+def checkpoint_index(path: str | os.PathLike) -> dict[str, st.TensorInfo]:
+    """{HF key: where its bytes are} over a single file or all shards, every header validated."""
+    path = Path(path)
+    if (path / INDEX).is_file():
+        index_path = path / INDEX
+        raw = _read_json(index_path, "shard index")
+        wmap = raw.get("weight_map") if isinstance(raw, dict) else None
+        if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
+            raise MoegrokError(f"{index_path}: field 'weight_map' must map tensor names to shard file names")
+        by_file: dict[str, list[str]] = {}
+        for key, fname in wmap.items():
+            by_file.setdefault(fname, []).append(key)
+        out: dict[str, st.TensorInfo] = {}
+        for fname, keys in by_file.items():
+            shard = path / fname
+            if not shard.is_file():
+                raise MoegrokError(f"{shard}: missing shard ({INDEX} lists {len(keys)} tensor(s) in it, e.g. "
+                                   f"'{keys[0]}')")
+            infos, _ = st.read_header(shard)
+            for key in keys:
+                if key not in infos:
+                    raise MoegrokError(f"{shard}: has no tensor '{key}', but {INDEX} says it is there")
+                out[key] = infos[key]
+        return out
+    if (path / SINGLE).is_file():
+        return st.read_header(path / SINGLE)[0]
+    if not path.is_dir():
+        raise MoegrokError(f"{path}: not a directory (expected a Hugging Face OLMoE checkpoint directory)")
+    found = sorted(p.name for p in path.iterdir())[:10]
+    raise MoegrokError(f"{path}: no {SINGLE} or {INDEX} (found {found}); only safetensors checkpoints are supported")
+
+
+def _check_against_config(index: Mapping[str, st.TensorInfo], cfg: MoeConfig, fused: frozenset[int],
+                          where: Path) -> None:
+    expected = expected_hf_shapes(cfg, fused)
+    summary = (f"config.json says num_hidden_layers={cfg.num_hidden_layers}, num_experts={cfg.num_experts}, "
+               f"hidden_size={cfg.hidden_size}, intermediate_size={cfg.intermediate_size}")
+    missing = [k for k in expected if k not in index]
+    if missing:
+        raise MoegrokError(f"{where}: checkpoint lacks {len(missing)} tensor(s) the config needs, e.g. "
+                           f"'{missing[0]}' (expected shape {expected[missing[0]]}); {summary}")
+    for key, shape in expected.items():
+        info = index[key]
+        if info.shape != shape:
+            raise MoegrokError(f"{info.file}: tensor '{key}' has shape {info.shape}, but config.json implies "
+                               f"{shape}; {summary}")
+        if info.dtype not in FLOAT_CODES:
+            raise MoegrokError(f"{info.file}: tensor '{key}' has dtype {info.dtype}, expected a float type "
+                               f"{FLOAT_CODES}")
+    tolerated = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    extra = [k for k in index if k not in expected and k not in tolerated and not IGNORED_KEY.match(k)]
+    if extra:
+        raise MoegrokError(f"{where}: checkpoint has {len(extra)} tensor(s) the config does not account for, e.g. "
+                           f"'{extra[0]}' (config and weights disagree?); {summary}")
+    if cfg.tie_word_embeddings and "lm_head.weight" in index and index["lm_head.weight"].shape != (
+            cfg.vocab_size, cfg.hidden_size):
+        raise MoegrokError(f"{where}: tensor 'lm_head.weight' has shape {index['lm_head.weight'].shape}, expected "
+                           f"{(cfg.vocab_size, cfg.hidden_size)}")
+
+
+def _resolve_dtype(dtype: str | None, cfg_json: Mapping, index: Mapping[str, st.TensorInfo]) -> str:
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise MoegrokError(f"dtype must be one of {DTYPES} or None (keep the checkpoint's), got {dtype!r}")
+        return dtype
+    declared = cfg_json.get("dtype") or cfg_json.get("torch_dtype")
+    if declared in DTYPES:
+        return declared
+    codes = {info.dtype for info in index.values()}
+    return "bfloat16" if codes == {"BF16"} else "float32"
+
+
+class _Reader:
+    """Open handles on the shards, one buffered read per tensor."""
+
+    def __init__(self, index: Mapping[str, st.TensorInfo], on_read: Callable[[], None] | None = None):
+        self.index, self.on_read, self.files = index, on_read, {}
+
+    def __call__(self, key: str) -> np.ndarray:
+        info = self.index[key]
+        if info.file not in self.files:
+            try:
+                self.files[info.file] = open(info.file, "rb")
+            except OSError as e:
+                raise MoegrokError(f"{info.file}: cannot open ({e.strerror or e})") from None
+        out = st.read_tensor(info, self.files[info.file])
+        if self.on_read:
+            self.on_read()
+        return out
+
+    def close(self):
+        for f in self.files.values():
+            f.close()
+
+
+def _set_path(tree: dict, path: tuple[str, ...], value) -> None:
+    for p in path[:-1]:
+        tree = tree.setdefault(p, {})
+    tree[path[-1]] = value
+
+
+def _build_params(cfg: MoeConfig, fused: frozenset[int], read: Callable[[str], np.ndarray], np_dtype,
+                  put: Callable[[np.ndarray], Any]) -> dict:
+    """Our parameter pytree (string keys, as `get_params`), one parameter at a time through `put`."""
+    params: dict = {}
+    for path, key, transposed in _simple_pairs(cfg):
+        a = read(key)
+        _set_path(params, path, put((a.T if transposed else a).astype(np_dtype)))
+        del a
+    D, I, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
+    for i in range(cfg.num_hidden_layers):
+        gate_up = np.empty((E, D, 2 * I), np_dtype)
+        down = np.empty((E, I, D), np_dtype)
+        if i in fused:
+            gu_key, dn_key = fused_keys(i)
+            gate_up[...] = read(gu_key).transpose(0, 2, 1)
+            down[...] = read(dn_key).transpose(0, 2, 1)
+        else:
+            for e in range(E):
+                gate_up[e, :, :I] = read(expert_key(i, e, "gate")).T
+                gate_up[e, :, I:] = read(expert_key(i, e, "up")).T
+                down[e] = read(expert_key(i, e, "down")).T
+        moe = ("layers", str(i), "moe")
+        _set_path(params, moe + ("gate_up",), put(gate_up))
+        del gate_up  # let the staging buffer go before the next one is allocated
+        _set_path(params, moe + ("down",), put(down))
+        del down
+    return params
+
+
+def load_olmoe(path: str | os.PathLike, dtype: str | None = None, moe_impl: str = "ragged", *,
+               progress: bool = False):
+    """Load a Hugging Face OLMoE checkpoint directory into a `MoeLM`.
+
+    dtype: "float32" or "bfloat16" for parameters and activations; None keeps the checkpoint's (config.json's
+    `dtype`/`torch_dtype`, else the tensors'). Per-expert and fused expert layouts are both accepted.
+    Raises MoegrokError naming the file and tensor for any defect, before reading tensor data where possible.
+    """
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from moegrok.model.model import MoeLM, set_params
+
+    path = Path(path)
+    if not path.is_dir():
+        raise MoegrokError(f"{path}: not a directory (expected a Hugging Face OLMoE checkpoint directory)")
+    cfg_json = _read_json(path / CONFIG, "the model config")
+    cfg = moe_config_from_hf_json(cfg_json, str(path / CONFIG), moe_impl=moe_impl)
+    index = checkpoint_index(path)
+    fused = frozenset(i for i in range(cfg.num_hidden_layers) if fused_keys(i)[0] in index)
+    _check_against_config(index, cfg, fused, path)
+    dt = _resolve_dtype(dtype, cfg_json, index)
+    cfg = cfg.replace(dtype=dt, param_dtype=dt)
+    np_dtype = st.DTYPES["BF16" if dt == "bfloat16" else "F32"]
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(expected_hf_shapes(cfg, fused)), desc=f"loading {path.name}", unit="tensor")
+    reader = _Reader(index, on_read=bar.update if bar else None)
+    try:
+        params = _build_params(cfg, fused, reader, np_dtype, jnp.asarray)
+    finally:
+        reader.close()
+        if bar:
+            bar.close()
+    model = nnx.eval_shape(lambda: MoeLM(cfg))
+    set_params(model, params)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------- saving
+def parse_size(size: int | str) -> int:
+    """'5GB' -> 5 * 10**9, '500MiB' -> 500 * 2**20 (HF's convention: GB decimal, GiB binary)."""
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), re.IGNORECASE)
+    if not m:
+        raise MoegrokError(f"max_shard_size {size!r}: expected a byte count or e.g. '5GB', '500MB', '2GiB'")
+    unit = (m.group(2) or "B").upper()
+    mult = 1 if unit == "B" else (1024 if "I" in unit else 1000) ** ("KMGT".index(unit[0]) + 1)
+    n = int(float(m.group(1)) * mult)
+    if n < 1:
+        raise MoegrokError(f"max_shard_size {size!r} must be positive")
+    return n
+
+
+def _hf_specs(cfg: MoeConfig, params: Mapping, np_dtype) -> list[st.TensorSpec]:
+    """Every HF tensor (per-expert layout, HF's order) as a lazy spec reading from our pytree."""
+    cache: dict[str, Any] = {}
+
+    def host(path: tuple[str, ...]) -> np.ndarray:
+        # One parameter on the host at a time; on CPU np.asarray of a jax array is a view, elsewhere a copy.
+        if cache.get("path") != path:
+            node = params
+            for p in path:
+                node = node[p]
+            cache.clear()
+            cache.update(path=path, array=np.asarray(node))
+        return cache["array"]
+
+    def spec(key, shape, fn):
+        return st.TensorSpec(key, np_dtype, shape, lambda: np.ascontiguousarray(fn()).astype(np_dtype, copy=False))
+
+    shapes = expected_hf_shapes(cfg)
+    by_key = {key: (path, t) for path, key, t in _simple_pairs(cfg)}
+    I = cfg.intermediate_size
+    specs = []
+    for key, shape in shapes.items():  # insertion order of expected_hf_shapes = HF's module order
+        if key in by_key:
+            path, t = by_key[key]
+            specs.append(spec(key, shape, lambda path=path, t=t: host(path).T if t else host(path)))
+            continue
+        m = re.fullmatch(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight", key)
+        layer, e, proj = m.group(1), int(m.group(2)), m.group(3)
+        moe = ("layers", layer, "moe")
+        if proj == "gate":
+            fn = lambda moe=moe, e=e: host(moe + ("gate_up",))[e, :, :I].T  # noqa: E731
+        elif proj == "up":
+            fn = lambda moe=moe, e=e: host(moe + ("gate_up",))[e, :, I:].T  # noqa: E731
+        else:
+            fn = lambda moe=moe, e=e: host(moe + ("down",))[e].T  # noqa: E731
+        specs.append(spec(key, shape, fn))
+    return _hf_order(specs)
+
+
+def _hf_order(specs: list[st.TensorSpec]) -> list[st.TensorSpec]:
+    """Group the expert tensors of a layer together, after that layer's other tensors (reads each fused
+    parameter once per layer while writing)."""
+    def rank(s: st.TensorSpec):
+        m = re.match(r"model\.layers\.(\d+)\.(.*)", s.name)
+        if m is None:
+            return (0 if s.name.startswith("model.embed") else 2, 0, 0, s.name)
+        sub = m.group(2)
+        em = re.match(r"mlp\.experts\.(\d+)\.(gate|up|down)", sub)
+        if em is None:
+            return (1, int(m.group(1)), 0, sub)
+        return (1, int(m.group(1)), 1, {"gate": 0, "up": 1, "down": 2}[em.group(2)], int(em.group(1)))
+    return sorted(specs, key=rank)
+
+
+def _plan_shards(specs: list[st.TensorSpec], max_bytes: int) -> list[list[st.TensorSpec]]:
+    """Greedy, in order: a new shard when the next tensor would overflow a non-empty one."""
+    shards: list[list[st.TensorSpec]] = [[]]
+    size = 0
+    for s in specs:
+        if shards[-1] and size + s.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(s)
+        size += s.nbytes
+    return shards
+
+
+def save_olmoe(model, path: str | os.PathLike, max_shard_size: int | str = "5GB", *, dtype: str | None = None,
+               overwrite: bool = False, progress: bool = False) -> Path:
+    """Write `model` as a Hugging Face OLMoE directory (`OlmoeForCausalLM.from_pretrained` loads it).
+
+    Per-expert keys, safetensors with metadata {"format": "pt"}, sharded with `model.safetensors.index.json` when
+    larger than `max_shard_size`. dtype: None keeps the parameters' dtype. Atomic: written into a temporary
+    directory beside `path` and renamed into place; an existing non-empty `path` needs `overwrite=True`.
+    """
+    from moegrok.model.model import get_params
+
+    cfg: MoeConfig = model.cfg
+    out_dtype = dtype or cfg.param_dtype
+    if out_dtype not in DTYPES:
+        raise MoegrokError(f"dtype must be one of {DTYPES} or None, got {out_dtype!r}")
+    np_dtype = st.DTYPES["BF16" if out_dtype == "bfloat16" else "F32"]
+    target = Path(path)
+    if target.exists() and not overwrite and (not target.is_dir() or any(target.iterdir())):
+        raise MoegrokError(f"{target}: already exists and is not empty (pass overwrite=True / --overwrite)")
+    shards = _plan_shards(_hf_specs(cfg, get_params(model), np_dtype), parse_size(max_shard_size))
+    config = hf_config_dict(cfg, out_dtype)
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(map(len, shards)), desc=f"writing {target.name}", unit="tensor")
+    try:
+        tmp.mkdir()
+        names = [SINGLE] if len(shards) == 1 else \
+            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        for name, shard in zip(names, shards):
+            st.write_file(tmp / name, shard, {"format": "pt"}, on_tensor=(lambda _: bar.update(1)) if bar else None)
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(s.nbytes for sh in shards for s in sh)},
+                     "weight_map": {s.name: name for name, sh in zip(names, shards) for s in sh}}
+            (tmp / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+        _replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if bar:
+            bar.close()
+    return target
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    """Move a finished directory into place; an existing target is swapped out first, then deleted."""
+    if target.is_dir() and not any(target.iterdir()):
+        target.rmdir()
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(target, old)
+        os.rename(tmp, target)
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+    else:
+        os.rename(tmp, target)
+
+
+def iter_hf_tensors(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
+    """(key, array) for every tensor of a HF checkpoint directory, one at a time (for checks and tools)."""
+    index = checkpoint_index(path)
+    reader = _Reader(index)
+    try:
+        for key in index:
+            yield key, reader(key)
+    finally:
+        reader.close()
+
+
+__all__ = ["load_olmoe", "save_olmoe", "moe_config_from_hf_json", "checkpoint_index", "expected_hf_shapes",
+           "iter_hf_tensors", "parse_size", "hf_config_dict"]

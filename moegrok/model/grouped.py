@@ -1,0 +1,121 @@
+"""Dropless grouped SwiGLU over expert-sorted tokens, in fixed-size tiles: the CPU path of the ragged experts.
+
+Why: on CPU, `lax.ragged_dot` lowers to a masked dense dot over every expert, so it costs E/k times the useful
+work and is slower than computing all experts. Here the (token, expert) assignments are sorted by expert, each
+expert's run is padded to a multiple of `b` rows, and a scan runs one [b, D] x [D, 2I] and [b, I] x [I, D] matmul per
+tile with that tile's expert weights; tiles past the last used one are skipped. Work is the top-k work plus < b
+padding rows per expert. The VJP is written by hand so the weight gradients accumulate in place per expert instead
+of as a full [E, ...] zero-plus-add per tile (what autodiff of the scan would produce).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def tile_rows(num_assignments: int, num_experts: int) -> int:
+    """Rows per tile: large enough to keep matmuls efficient, small enough that the padding (< one tile per
+    expert) stays a small fraction of the work."""
+    b = 8
+    while b < 128 and 2 * b * num_experts * 4 <= num_assignments:
+        b *= 2
+    return b
+
+
+@jax.custom_vjp
+def swiglu_tiles(xs_TxbxD, tile_e_T, n_used, gate_up_ExDx2I, down_ExIxD):
+    """Per tile t < n_used: silu(x W_gu[e, :, :I]) * (x W_gu[e, :, I:]) @ W_down[e], e = tile_e[t]; zeros after."""
+    return _forward(xs_TxbxD, tile_e_T, n_used, gate_up_ExDx2I, down_ExIxD)[0]
+
+
+def _forward(xs_TxbxD, tile_e_T, n_used, gate_up_ExDx2I, down_ExIxD):
+    T, b, D = xs_TxbxD.shape
+    two_i = gate_up_ExDx2I.shape[-1]
+
+    def tile(x_bxD, e):
+        gu_bx2I = x_bxD @ gate_up_ExDx2I[e]
+        g, u = jnp.split(gu_bx2I, 2, axis=-1)
+        return (jax.nn.silu(g) * u) @ down_ExIxD[e], gu_bx2I
+
+    def skip(x_bxD, e):
+        return jnp.zeros((b, D), xs_TxbxD.dtype), jnp.zeros((b, two_i), xs_TxbxD.dtype)
+
+    def body(_, inp):
+        t, x_bxD, e = inp
+        return None, jax.lax.cond(t < n_used, tile, skip, x_bxD, e)
+
+    _, (ys_TxbxD, gu_Txbx2I) = jax.lax.scan(body, None, (jnp.arange(T), xs_TxbxD, tile_e_T))
+    return ys_TxbxD, gu_Txbx2I
+
+
+def _fwd(xs_TxbxD, tile_e_T, n_used, gate_up_ExDx2I, down_ExIxD):
+    ys, gu = _forward(xs_TxbxD, tile_e_T, n_used, gate_up_ExDx2I, down_ExIxD)
+    return ys, (xs_TxbxD, gu, tile_e_T, n_used, gate_up_ExDx2I, down_ExIxD)
+
+
+def _bwd(res, dys_TxbxD):
+    xs, gu_all, tile_e, n_used, gate_up, down = res
+    T = xs.shape[0]
+    f32 = jnp.float32
+
+    def tile(carry, x_bxD, gu_bx2I, e, dy_bxD):
+        dgu_acc, dd_acc = carry
+        g, u = jnp.split(gu_bx2I, 2, axis=-1)
+        sig = jax.nn.sigmoid(g)
+        silu = g * sig
+        a_bxI = silu * u
+        da = dy_bxD @ down[e].T
+        dd_acc = dd_acc.at[e].add(jnp.dot(a_bxI.T, dy_bxD, preferred_element_type=f32))
+        dg = da * u * (sig * (1 + g * (1 - sig)))  # d silu(g) / dg = sig * (1 + g (1 - sig))
+        dgu = jnp.concatenate([dg, da * silu], axis=-1)
+        dgu_acc = dgu_acc.at[e].add(jnp.dot(x_bxD.T, dgu, preferred_element_type=f32))
+        return (dgu_acc, dd_acc), dgu @ gate_up[e].T
+
+    def skip(carry, x_bxD, gu_bx2I, e, dy_bxD):
+        return carry, jnp.zeros_like(x_bxD)
+
+    def body(carry, inp):
+        t, x, gu, e, dy = inp
+        return jax.lax.cond(t < n_used, tile, skip, carry, x, gu, e, dy)
+
+    init = (jnp.zeros(gate_up.shape, f32), jnp.zeros(down.shape, f32))
+    (dgu_w, dd_w), dxs = jax.lax.scan(body, init, (jnp.arange(T), xs, gu_all, tile_e, dys_TxbxD))
+    return dxs, None, None, dgu_w.astype(gate_up.dtype), dd_w.astype(down.dtype)
+
+
+swiglu_tiles.defvjp(_fwd, _bwd)
+
+
+def experts_tiled(x_NxD, gate_up_ExDx2I, down_ExIxD, topw_Nxk, topi_Nxk, tile: int | None = None):
+    """Same contract as `moe.experts_ragged`: sum_j topw[n, j] * SwiGLU_{topi[n, j]}(x[n]), dropless."""
+    N, k = topi_Nxk.shape
+    E = gate_up_ExDx2I.shape[0]
+    M = N * k
+    b = tile or tile_rows(M, E)
+    T = -(-M // b) + E  # enough tiles for any routing: each expert wastes < one tile
+    flat_e = topi_Nxk.reshape(-1).astype(jnp.int32)
+    order = jnp.argsort(flat_e, stable=True)  # sorted position -> assignment
+    sizes_E = jnp.bincount(flat_e, length=E).astype(jnp.int32)
+    starts_E = jnp.cumsum(sizes_E) - sizes_E  # first sorted position of each expert
+    tiles_E = (sizes_E + b - 1) // b
+    tile_end_E = jnp.cumsum(tiles_E)
+    tile_start_E = tile_end_E - tiles_E
+    n_used = tile_end_E[-1]
+    tile_e_T = jnp.minimum(jnp.searchsorted(tile_end_E, jnp.arange(T), side="right"), E - 1).astype(jnp.int32)
+
+    # Tile slot -> sorted position (gathers only; padding slots read row 0 and are zeroed).
+    slot_tile = jnp.arange(T * b) // b
+    slot_e = tile_e_T[slot_tile]
+    rank = jnp.arange(T * b) - tile_start_E[slot_e] * b
+    valid = (slot_tile < n_used) & (rank < sizes_E[slot_e])
+    src = jnp.where(valid, starts_E[slot_e] + rank, 0)
+    xs = jnp.where(valid[:, None], x_NxD[order[src] // k], 0).reshape(T, b, -1)
+
+    ys = swiglu_tiles(xs, tile_e_T, n_used, gate_up_ExDx2I, down_ExIxD).reshape(T * b, -1)
+
+    # Assignment -> its tile slot.
+    sorted_e = flat_e[order]
+    slot_of_sorted = tile_start_E[sorted_e] * b + jnp.arange(M) - starts_E[sorted_e]
+    slot_of = slot_of_sorted[jnp.argsort(order)]
+    y_NxkxD = ys[slot_of].reshape(N, k, -1)
+    return jnp.einsum("nk,nkd->nd", topw_Nxk.astype(y_NxkxD.dtype), y_NxkxD)

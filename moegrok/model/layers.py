@@ -1,0 +1,84 @@
+"""Dense building blocks of the OLMoE decoder: RMSNorm, RoPE, attention with QK-norm (SPEC §8)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moegrok.model.config import MoeConfig
+
+
+def dtype_of(name: str):
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def normal_param(rngs: nnx.Rngs, shape, std: float, dtype) -> nnx.Param:
+    return nnx.Param(jax.random.normal(rngs.params(), shape, jnp.float32).astype(dtype) * std)
+
+
+class RMSNorm(nnx.Module):
+    """Normalise in float32, cast back to the input dtype, then scale (HF's order: weight * x.to(dtype))."""
+
+    def __init__(self, dim: int, eps: float, param_dtype):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.eps = eps
+
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        x32 = x_BxTxD.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x_BxTxD.dtype) * x32.astype(x_BxTxD.dtype)
+
+
+def rope_cos_sin(positions_BxT: jax.Array, head_dim: int, theta: float, dtype):
+    """Half-split RoPE tables, float32 math as HF, cast to the activation dtype. Returns cos, sin [B, T, head_dim]."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs_BxTxH2 = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs_BxTxH2, freqs_BxTxH2], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x_BxTxNxH: jax.Array, cos_BxTxH: jax.Array, sin_BxTxH: jax.Array) -> jax.Array:
+    half = x_BxTxNxH.shape[-1] // 2
+    rotated = jnp.concatenate([-x_BxTxNxH[..., half:], x_BxTxNxH[..., :half]], axis=-1)
+    return x_BxTxNxH * cos_BxTxH[:, :, None, :] + rotated * sin_BxTxH[:, :, None, :]
+
+
+class Attention(nnx.Module):
+    """Causal multi-head attention; RMSNorm over the whole q and k projections (all heads) before the head split."""
+
+    def __init__(self, cfg: MoeConfig, rngs: nnx.Rngs):
+        pd = dtype_of(cfg.param_dtype)
+        D, hd = cfg.hidden_size, cfg.head_dim
+        nq, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+        std = cfg.initializer_range
+        self.wq = normal_param(rngs, (D, nq * hd), std, pd)
+        self.wk = normal_param(rngs, (D, nkv * hd), std, pd)
+        self.wv = normal_param(rngs, (D, nkv * hd), std, pd)
+        self.wo = normal_param(rngs, (nq * hd, D), std, pd)
+        self.q_norm = RMSNorm(nq * hd, cfg.rms_norm_eps, pd)
+        self.k_norm = RMSNorm(nkv * hd, cfg.rms_norm_eps, pd)
+        self.nq, self.nkv, self.hd = nq, nkv, hd
+        self.clip_qkv = cfg.clip_qkv
+
+    def __call__(self, x_BxTxD, cos, sin, mask_BxT) -> jax.Array:
+        dt = x_BxTxD.dtype
+        B, T, _ = x_BxTxD.shape
+        q = self.q_norm(x_BxTxD @ self.wq[...].astype(dt))
+        k = self.k_norm(x_BxTxD @ self.wk[...].astype(dt))
+        v = x_BxTxD @ self.wv[...].astype(dt)
+        if self.clip_qkv is not None:
+            q, k, v = (jnp.clip(a, -self.clip_qkv, self.clip_qkv) for a in (q, k, v))
+        q = apply_rope(q.reshape(B, T, self.nq, self.hd), cos, sin)
+        k = apply_rope(k.reshape(B, T, self.nkv, self.hd), cos, sin)
+        v = v.reshape(B, T, self.nkv, self.hd)
+        rep = self.nq // self.nkv
+        q_BxTxKxRxH = q.reshape(B, T, self.nkv, rep, self.hd)
+        scores = jnp.einsum("btkrh,bskh->bkrts", q_BxTxKxRxH, k) * (self.hd ** -0.5)
+        allowed_TxS = jnp.tril(jnp.ones((T, T), bool))
+        allowed = allowed_TxS[None, None, None]
+        if mask_BxT is not None:  # padding keys are never attended to
+            allowed = allowed & mask_BxT[:, None, None, None, :]
+        scores = jnp.where(allowed, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bkrts,bskh->btkrh", probs, v).reshape(B, T, self.nq * self.hd)
+        return out @ self.wo[...].astype(dt)

@@ -1,0 +1,144 @@
+"""The OLMoE-architecture decoder (Flax NNX) and its causal-LM loss."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moegrok.errors import MoegrokError
+from moegrok.model.config import MoeConfig
+from moegrok.model.layers import Attention, RMSNorm, dtype_of, normal_param, rope_cos_sin
+from moegrok.model.moe import MoeBlock, load_balancing_loss, router_z_loss
+
+
+class ModelOutput(NamedTuple):
+    logits: jax.Array  # [B, T, V], float32
+    router_logits: jax.Array  # [L, B, T, E], float32, pre-softmax
+    aux_loss: jax.Array  # Switch load balancing (HF form), scalar
+    z_loss: jax.Array  # router z-loss, scalar
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: MoeConfig, rngs: nnx.Rngs):
+        pd = dtype_of(cfg.param_dtype)
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
+        self.attn = Attention(cfg, rngs)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
+        self.moe = MoeBlock(cfg, rngs)
+
+    def __call__(self, x_BxTxD, cos, sin, mask_BxT, moe_impl=None):
+        h = x_BxTxD + self.attn(self.input_norm(x_BxTxD), cos, sin, mask_BxT)
+        y, router_logits_BxTxE = self.moe(self.post_attn_norm(h), impl=moe_impl)
+        return h + y, router_logits_BxTxE
+
+
+class MoeLM(nnx.Module):
+    """Pre-norm decoder: h = x + Attn(RMSNorm(x)); out = h + MoE(RMSNorm(h)); final RMSNorm; LM head.
+
+    `model(tokens_BxT, mask_BxT)` returns a ModelOutput. Routing comes back with every call; under `jit` the parts a
+    caller does not use (z-loss, aux loss, logits of unused layers) are removed by XLA, so they cost nothing.
+    """
+
+    def __init__(self, cfg: MoeConfig, *, rngs: nnx.Rngs | None = None, seed: int = 0):
+        rngs = rngs or nnx.Rngs(seed)
+        pd = dtype_of(cfg.param_dtype)
+        self.cfg = cfg
+        self.embed = normal_param(rngs, (cfg.vocab_size, cfg.hidden_size), cfg.initializer_range, pd)
+        self.layers = nnx.List([DecoderLayer(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
+        self.lm_head = None if cfg.tie_word_embeddings else \
+            normal_param(rngs, (cfg.hidden_size, cfg.vocab_size), cfg.initializer_range, pd)
+
+    def __call__(self, tokens_BxT: jax.Array, mask_BxT: jax.Array | None = None,
+                 positions_BxT: jax.Array | None = None, *, moe_impl: str | None = None) -> ModelOutput:
+        cfg = self.cfg
+        dt = dtype_of(cfg.dtype)
+        B, T = tokens_BxT.shape
+        if positions_BxT is None:
+            positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        if mask_BxT is not None:
+            mask_BxT = mask_BxT.astype(bool)
+        x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(dt)
+        cos, sin = rope_cos_sin(positions_BxT, cfg.head_dim, cfg.rope_theta, dt)
+        router_logits = []
+        for layer in self.layers:
+            x, rl = layer(x, cos, sin, mask_BxT, moe_impl)
+            router_logits.append(rl)
+        x = self.norm(x)
+        head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+        logits = jnp.dot(x, head.astype(dt), preferred_element_type=jnp.float32)
+        rl_LxBxTxE = jnp.stack(router_logits)
+        return ModelOutput(
+            logits=logits,
+            router_logits=rl_LxBxTxE,
+            aux_loss=load_balancing_loss(rl_LxBxTxE, cfg.num_experts_per_tok, mask_BxT),
+            z_loss=router_z_loss(rl_LxBxTxE, mask_BxT),
+        )
+
+    def router_weights(self) -> jax.Array:
+        """Router weight matrices [L, E, D] (row k = expert k's router vector), as SPEC §5 uses them."""
+        return jnp.stack([layer.moe.router[...].T for layer in self.layers]).astype(jnp.float32)
+
+
+def token_nll(logits_BxTxV: jax.Array, tokens_BxT: jax.Array, mask_BxT: jax.Array | None = None):
+    """Next-token NLL. Returns (nll [B, T-1], valid [B, T-1]): position t scores token t+1 given tokens <= t;
+    valid where both are real tokens."""
+    logp = jax.nn.log_softmax(logits_BxTxV[:, :-1].astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, tokens_BxT[:, 1:, None], axis=-1)[..., 0]
+    if mask_BxT is None:
+        valid = jnp.ones_like(nll, dtype=bool)
+    else:
+        m = mask_BxT.astype(bool)
+        valid = m[:, 1:] & m[:, :-1]
+    return nll, valid
+
+
+def lm_loss(logits_BxTxV, tokens_BxT, mask_BxT=None) -> jax.Array:
+    """Mean next-token NLL over valid positions (HF's causal-LM loss with padding labels = -100)."""
+    nll, valid = token_nll(logits_BxTxV, tokens_BxT, mask_BxT)
+    v = valid.astype(jnp.float32)
+    return jnp.sum(nll * v) / jnp.maximum(jnp.sum(v), 1.0)
+
+
+def sample_nll(logits_BxTxV, tokens_BxT, mask_BxT=None) -> jax.Array:
+    """Per-sample mean next-token NLL [B] (SPEC §2's l_i)."""
+    nll, valid = token_nll(logits_BxTxV, tokens_BxT, mask_BxT)
+    v = valid.astype(jnp.float32)
+    return jnp.sum(nll * v, axis=1) / jnp.maximum(jnp.sum(v, axis=1), 1.0)
+
+
+def _stringify(tree):
+    if isinstance(tree, dict):
+        return {str(k): _stringify(v) for k, v in tree.items()}
+    return tree
+
+
+def get_params(model: MoeLM) -> dict:
+    """All parameters as a nested dict with string keys (layer indices as "0", "1", ...): the pytree that
+    checkpoints, optimizers and converters exchange."""
+    return _stringify(nnx.state(model, nnx.Param).to_pure_dict())
+
+
+def set_params(model: MoeLM, params: dict) -> None:
+    """Inverse of `get_params` (in place). Keys and shapes must match the model exactly."""
+    state = nnx.state(model, nnx.Param)
+    ref = get_params(model)
+    ref_paths = {jax.tree_util.keystr(p): v.shape for p, v in jax.tree_util.tree_leaves_with_path(ref)}
+    got_paths = {jax.tree_util.keystr(p): np.shape(v) for p, v in jax.tree_util.tree_leaves_with_path(params)}
+    if ref_paths.keys() != got_paths.keys():
+        missing, extra = sorted(ref_paths.keys() - got_paths.keys()), sorted(got_paths.keys() - ref_paths.keys())
+        raise MoegrokError(f"parameters do not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
+    for k, shape in ref_paths.items():
+        if tuple(got_paths[k]) != tuple(shape):
+            raise MoegrokError(f"parameter {k}: shape {tuple(got_paths[k])}, model expects {tuple(shape)}")
+
+    def unstringify(ref_tree, tree):
+        if isinstance(ref_tree, dict):
+            return {k: unstringify(v, tree[str(k)]) for k, v in ref_tree.items()}
+        return tree
+
+    nnx.replace_by_pure_dict(state, unstringify(state.to_pure_dict(), params))
+    nnx.update(model, state)

@@ -1,0 +1,127 @@
+"""Probe evaluation: the one function that turns (model, probe samples) into a probe record, shared by the trainer
+and the OLMoE trajectory pipeline, plus validation loss and test-item scoring."""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moegrok.model.model import MoeLM, sample_nll, token_nll
+
+
+@nnx.jit
+def _probe_batch(model: MoeLM, tokens_BxT, mask_BxT):
+    out = model(tokens_BxT, mask_BxT)
+    k = model.cfg.num_experts_per_tok
+    probs_LxBxTxE = jax.nn.softmax(out.router_logits, axis=-1)
+    m = mask_BxT.astype(jnp.float32)
+    route_probs_BxLxE = jnp.einsum("lbte,bt->ble", probs_LxBxTxE, m) / jnp.maximum(m.sum(1), 1.0)[:, None, None]
+    topw, topi = jax.lax.top_k(probs_LxBxTxE, k)  # the routing decision itself, before any renormalisation
+    return {
+        "sample_loss": sample_nll(out.logits, tokens_BxT, mask_BxT),
+        "route_probs": route_probs_BxLxE,
+        "topk_ids": jnp.transpose(topi, (1, 2, 0, 3)).astype(jnp.int32),  # [B, T, L, k]
+        "topk_weights": jnp.transpose(topw, (1, 2, 0, 3)),
+    }
+
+
+def _batches(n: int, batch_size: int) -> Iterable[slice]:
+    for i in range(0, n, batch_size):
+        yield slice(i, min(i + batch_size, n))
+
+
+def _pad_rows(a: np.ndarray, rows: int) -> np.ndarray:
+    """Pad the last batch to a fixed size so one compiled program serves every batch."""
+    if a.shape[0] == rows:
+        return a
+    pad = np.zeros((rows - a.shape[0],) + a.shape[1:], a.dtype)
+    return np.concatenate([a, pad])
+
+
+def probe_record(model: MoeLM, tokens_NxT: np.ndarray, mask_NxT: np.ndarray, sample_ids: Sequence[int],
+                 domains: Sequence[str], batch_size: int = 64, progress=None) -> dict[str, np.ndarray]:
+    """Per-sample mean NLL, token-mean full router softmax per layer, per-token top-k routing, router weights.
+
+    Returns a dict with exactly the fields of `moegrok.rundir.PROBE_FIELDS`.
+    """
+    tokens_NxT = np.asarray(tokens_NxT, np.int32)
+    mask_NxT = np.asarray(mask_NxT, bool)
+    n = tokens_NxT.shape[0]
+    bs = min(batch_size, max(n, 1))
+    parts: dict[str, list] = {}
+    for sl in _batches(n, bs):
+        rows = sl.stop - sl.start
+        out = _probe_batch(model, jnp.asarray(_pad_rows(tokens_NxT[sl], bs)), jnp.asarray(_pad_rows(mask_NxT[sl], bs)))
+        for key, v in out.items():
+            parts.setdefault(key, []).append(np.asarray(v)[:rows])
+        if progress is not None:
+            progress.update(rows)
+    rec = {k: np.concatenate(v) for k, v in parts.items()}
+    rec["topk_ids"] = np.where(mask_NxT[:, :, None, None], rec["topk_ids"], 0).astype(np.int32)
+    rec["topk_weights"] = np.where(mask_NxT[:, :, None, None], rec["topk_weights"], 0.0).astype(np.float32)
+    rec.update(
+        sample_ids=np.asarray(sample_ids, np.int64),
+        domains=np.asarray(list(domains), dtype=str),
+        router_weights=np.asarray(model.router_weights(), np.float32),
+        token_mask=mask_NxT,
+        tokens=tokens_NxT,
+    )
+    return rec
+
+
+@nnx.jit
+def _nll_batch(model: MoeLM, tokens_BxT, mask_BxT):
+    nll, valid = token_nll(model(tokens_BxT, mask_BxT).logits, tokens_BxT, mask_BxT)
+    v = valid.astype(jnp.float32)
+    return jnp.sum(nll * v), jnp.sum(v)
+
+
+def mean_token_nll(model: MoeLM, tokens_NxT: np.ndarray, mask_NxT: np.ndarray, batch_size: int = 64) -> float:
+    """Validation loss: mean next-token NLL over all valid positions of all samples."""
+    tokens_NxT, mask_NxT = np.asarray(tokens_NxT, np.int32), np.asarray(mask_NxT, bool)
+    n = tokens_NxT.shape[0]
+    bs = min(batch_size, max(n, 1))
+    tot, cnt = 0.0, 0.0
+    for sl in _batches(n, bs):
+        s, c = _nll_batch(model, jnp.asarray(_pad_rows(tokens_NxT[sl], bs)), jnp.asarray(_pad_rows(mask_NxT[sl], bs)))
+        tot, cnt = tot + float(s), cnt + float(c)
+    return tot / max(cnt, 1.0)
+
+
+@nnx.jit
+def _argmax_batch(model: MoeLM, tokens_BxT, mask_BxT):
+    return jnp.argmax(model(tokens_BxT, mask_BxT).logits, axis=-1).astype(jnp.int32)
+
+
+def score_answers(model: MoeLM, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
+                  batch_size: int = 64, pad_id: int = 0) -> np.ndarray:
+    """Exact match of the answer tokens under argmax decoding, one bool per item.
+
+    Teacher-forced argmax over the answer positions: the answer is all-correct under teacher forcing exactly when
+    greedy decoding reproduces it, so one forward pass per item replaces a decoding loop.
+    """
+    if len(prompts) != len(answers):
+        raise ValueError("prompts and answers differ in length")
+    n = len(prompts)
+    if n == 0:
+        return np.zeros((0,), bool)
+    seqs = [list(p) + list(a) for p, a in zip(prompts, answers)]
+    T = max(len(s) for s in seqs)
+    tokens = np.full((n, T), pad_id, np.int32)
+    mask = np.zeros((n, T), bool)
+    for i, s in enumerate(seqs):
+        tokens[i, : len(s)] = s
+        mask[i, : len(s)] = True
+    bs = min(batch_size, n)
+    preds = np.concatenate([
+        np.asarray(_argmax_batch(model, jnp.asarray(_pad_rows(tokens[sl], bs)),
+                                 jnp.asarray(_pad_rows(mask[sl], bs))))[: sl.stop - sl.start]
+        for sl in _batches(n, bs)])
+    correct = np.zeros(n, bool)
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        lp = len(p)
+        correct[i] = bool(np.array_equal(preds[i, lp - 1: lp - 1 + len(a)], np.asarray(a)))
+    return correct

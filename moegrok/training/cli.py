@@ -1,0 +1,27 @@
+"""`moegrok train CONFIG --run-dir DIR [key=value ...]`."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train one epoch, writing checkpoints with probe records (resumes)",
+                       description="Train a MoE LM for one epoch on the config's corpus. Re-running on a run "
+                                   "directory that holds checkpoints of the same config resumes it.")
+    p.add_argument("config", help="YAML config with sections model / data / train")
+    p.add_argument("--run-dir", required=True, help="output run directory")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.learning_rate=3e-4 data.seed=1")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--log-sample-ids", action="store_true",
+                   help="append each step's training-sample ids to RUN_DIR/sample_ids.jsonl (audits one epoch)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moegrok.training.config import load_config_file
+    from moegrok.training.train import RunConfig, train
+
+    cfg = RunConfig.from_dict(load_config_file(args.config, args.overrides))
+    train(cfg, args.run_dir, progress=not args.no_progress, log_sample_ids=args.log_sample_ids)
+    print(f"run directory: {args.run_dir}")
+    return 0

@@ -1,0 +1,330 @@
+"""One-epoch next-token trainer. Every checkpoint carries the model, the optimizer, the data position and (in the
+run directory's `records/`) the probe record, validation losses and per-item test correctness.
+
+Crash safety: a checkpoint step first writes its record (atomic rename), then the orbax checkpoint (orbax finalises
+by renaming a temporary directory). A crash at any point leaves the previous checkpoint as the latest valid one; a
+resume restores it and replays the steps after it, which are a pure function of (config, step), so the result is
+bitwise the same as an uninterrupted run on the same machine and device count.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import yaml
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from moegrok import rundir
+from moegrok.errors import MoegrokError
+from moegrok.model.config import MoeConfig
+from moegrok.model.model import MoeLM, get_params, lm_loss, set_params
+from moegrok.probe import mean_token_nll, probe_record, score_answers
+from moegrok.training.config import TrainConfig, dataclass_from_dict
+from moegrok.training.optim import lr_schedule, make_optimizer
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: MoeConfig
+    data: Any  # moegrok.data.DataConfig
+    train: TrainConfig
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "RunConfig":
+        from moegrok.data import DataConfig
+
+        data = DataConfig.from_dict(raw.get("data") or {})
+        train = dataclass_from_dict(TrainConfig, raw.get("train"), "train")
+        model = dataclass_from_dict(MoeConfig, raw.get("model"), "model")
+        return cls(model=model, data=data, train=train)
+
+    def to_dict(self) -> dict:
+        return {"model": self.model.to_dict(), "data": self.data.to_dict(), "train": dataclasses.asdict(self.train)}
+
+
+def checkpoint_steps(num_steps: int, cfg: TrainConfig) -> list[int]:
+    if cfg.checkpoint_every:
+        steps = list(range(cfg.checkpoint_every, num_steps + 1, cfg.checkpoint_every))
+        return sorted(set(steps + [num_steps]))
+    n = min(cfg.num_checkpoints, num_steps)
+    return sorted({max(1, round(num_steps * i / n)) for i in range(1, n + 1)})
+
+
+# ----------------------------------------------------------------------------------------------- sharding
+def make_mesh(cfg: TrainConfig):
+    n = cfg.mesh_data * cfg.mesh_expert
+    if n == 1:
+        return None
+    if jax.device_count() < n:
+        raise MoegrokError(f"train config: mesh_data * mesh_expert = {n} devices, but only {jax.device_count()} "
+                           f"are visible (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count={n})")
+    # Auto axis types: the dropless routing uses gathers/sorts that Explicit sharding rejects.
+    return jax.make_mesh((cfg.mesh_data, cfg.mesh_expert), ("data", "expert"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def shard_state(state, mesh):
+    """Experts' weights split along the expert axis; everything else replicated."""
+    if mesh is None:
+        return state
+
+    def spec(path, x):
+        name = jax.tree_util.keystr(path)
+        if ("gate_up" in name or "'down'" in name or ".down" in name) and x.ndim == 3:
+            return NamedSharding(mesh, P("expert"))
+        return NamedSharding(mesh, P())
+
+    return jax.tree_util.tree_map_with_path(lambda p, x: jax.device_put(x, spec(p, x)), state)
+
+
+def shard_batch(x: np.ndarray, mesh):
+    if mesh is None:
+        return jnp.asarray(x)
+    return jax.device_put(x, NamedSharding(mesh, P("data")))
+
+
+# ----------------------------------------------------------------------------------------------- the step
+def make_train_step(graphdef, tx: optax.GradientTransformation, model_cfg: MoeConfig):
+    aux_c, z_c = model_cfg.router_aux_loss_coef, model_cfg.router_z_loss_coef
+
+    def loss_fn(state, tokens_BxT, mask_BxT):
+        out = nnx.merge(graphdef, state)(tokens_BxT, mask_BxT)
+        lm = lm_loss(out.logits, tokens_BxT, mask_BxT)
+        total = lm + aux_c * out.aux_loss + z_c * out.z_loss
+        return total, {"lm_loss": lm, "aux_loss": out.aux_loss, "z_loss": out.z_loss}
+
+    @jax.jit
+    def step(state, opt_state, tokens_BxT, mask_BxT):
+        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state, tokens_BxT, mask_BxT)
+        updates, opt_state = tx.update(grads, opt_state, state)
+        state = optax.apply_updates(state, updates)
+        return state, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads), **parts}
+
+    return step
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+def _flat(tree) -> dict[str, Any]:
+    return {f"leaf_{i:06d}": x for i, x in enumerate(jax.tree.leaves(tree))}
+
+
+def _unflat(template, flat: dict):
+    leaves = [flat[f"leaf_{i:06d}"] for i in range(len(jax.tree.leaves(template)))]
+    return jax.tree.unflatten(jax.tree.structure(template), leaves)
+
+
+def checkpoint_manager(run_dir: Path) -> ocp.CheckpointManager:
+    opts = ocp.CheckpointManagerOptions(max_to_keep=None, enable_async_checkpointing=False, create=True)
+    return ocp.CheckpointManager((run_dir / "checkpoints").absolute(), options=opts)
+
+
+def save_checkpoint(mngr, step: int, model: MoeLM, opt_state) -> None:
+    mngr.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(get_params(model)),
+        opt_state=ocp.args.StandardSave(_flat(opt_state)),
+        data=ocp.args.JsonSave({"next_step": int(step)}),
+    ))
+    mngr.wait_until_finished()
+
+
+def restore_checkpoint(mngr, step: int, model: MoeLM, opt_state):
+    abstract = lambda t: jax.tree.map(ocp.utils.to_shape_dtype_struct, t)  # noqa: E731
+    got = mngr.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract(get_params(model))),
+        opt_state=ocp.args.StandardRestore(abstract(_flat(opt_state))),
+        data=ocp.args.JsonRestore(),
+    ))
+    set_params(model, got["params"])
+    return _unflat(opt_state, got["opt_state"]), int(got["data"]["next_step"])
+
+
+# ----------------------------------------------------------------------------------------------- run directory
+def prepare_run_dir(run_dir: Path, cfg: RunConfig, corpus) -> bool:
+    """Create or validate the run directory. Returns True if it already holds this run (resume)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg_path = run_dir / "config.yaml"
+    resolved = cfg.to_dict()
+    if cfg_path.exists():
+        old = yaml.safe_load(cfg_path.read_text()) or {}
+        if old != resolved:
+            diffs = _dict_diff(old, resolved)
+            raise MoegrokError(
+                f"{run_dir} holds a run with a different config ({'; '.join(diffs[:6])}); "
+                f"use a new --run-dir or the same config to resume")
+        return True
+    probes = corpus.probe_set()
+    rundir.write_jsonl(run_dir / "probes.jsonl", [
+        {"id": int(i), "domain": d, "text": t} for i, d, t in zip(probes["sample_ids"], probes["domains"],
+                                                                  probes["texts"])])
+    tests = []
+    for d in corpus.domains:
+        ts = corpus.test_set(d)
+        tests += [{"id": i, "domain": d, "prompt": p, "answer": a}
+                  for i, p, a in zip(ts["ids"], ts["prompt_texts"], ts["answer_texts"])]
+    rundir.write_jsonl(run_dir / "tests.jsonl", tests)
+    rundir.write_meta(run_dir, producer="train", num_layers=cfg.model.num_hidden_layers,
+                      num_experts=cfg.model.num_experts, top_k=cfg.model.num_experts_per_tok,
+                      d_model=cfg.model.hidden_size, domains=list(corpus.domains),
+                      total_steps=int(corpus_steps(corpus, cfg.train)), finished=False)
+    tmp = cfg_path.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(resolved, sort_keys=True))
+    os.replace(tmp, cfg_path)  # last: a directory with config.yaml is a complete run start
+    return False
+
+
+def _dict_diff(a, b, prefix="") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b), key=str):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _dict_diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
+    return out
+
+
+def corpus_steps(corpus, tcfg: TrainConfig) -> int:
+    return min(corpus.num_steps, tcfg.max_steps) if tcfg.max_steps else corpus.num_steps
+
+
+def _truncate_jsonl(path: Path, max_step: int) -> None:
+    """Drop lines logged after the checkpoint we resume from: they will be logged again."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= max_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+def evaluate(model: MoeLM, corpus, batch_size: int) -> tuple[dict, dict]:
+    probes = corpus.probe_set()
+    record = probe_record(model, probes["tokens"], probes["mask"], probes["sample_ids"], probes["domains"],
+                          batch_size=batch_size)
+    ev: dict[str, Any] = {"val_loss": {}, "test": {}}
+    for d in corpus.domains:
+        v = corpus.val_set(d)
+        ev["val_loss"][d] = mean_token_nll(model, v["tokens"], v["mask"], batch_size)
+        ts = corpus.test_set(d)
+        correct = score_answers(model, ts["prompts"], ts["answers"], batch_size, pad_id=corpus.tokenizer.pad_id)
+        ev["test"][d] = {"accuracy": float(correct.mean()) if len(correct) else float("nan"),
+                         "ids": list(ts["ids"]), "correct": correct.astype(int).tolist()}
+    return record, ev
+
+
+# ----------------------------------------------------------------------------------------------- main loop
+def train(cfg: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
+          log_sample_ids: bool = False, on_step: Callable[[int], None] | None = None) -> Path:
+    """Train one epoch into `run_dir`, resuming if it holds checkpoints of the same config."""
+    from moegrok.data import build_corpus
+
+    run_dir = Path(run_dir)
+    tcfg = cfg.train
+    corpus = build_corpus(cfg.data)
+    if cfg.model.vocab_size < corpus.tokenizer.vocab_size:
+        raise MoegrokError(f"model config: field 'vocab_size' is {cfg.model.vocab_size}, smaller than the "
+                           f"tokenizer's vocabulary ({corpus.tokenizer.vocab_size})")
+    prepare_run_dir(run_dir, cfg, corpus)
+    num_steps = corpus_steps(corpus, tcfg)
+    ckpt_steps = set(checkpoint_steps(num_steps, tcfg))
+
+    mesh = make_mesh(tcfg)
+    model = MoeLM(cfg.model, seed=tcfg.seed)
+    tx = make_optimizer(tcfg, num_steps)
+    graphdef, state = nnx.split(model)
+    opt_state = tx.init(state)
+    mngr = checkpoint_manager(run_dir)
+    start = 0
+    if mngr.latest_step() is not None:
+        opt_state, start = restore_checkpoint(mngr, mngr.latest_step(), model, opt_state)
+        graphdef, state = nnx.split(model)
+        _truncate_jsonl(run_dir / "metrics.jsonl", start)
+        _truncate_jsonl(run_dir / "sample_ids.jsonl", start)
+    state = shard_state(state, mesh)
+    opt_state = shard_state(opt_state, mesh)
+    step_fn = make_train_step(graphdef, tx, cfg.model)
+    sched = lr_schedule(tcfg, num_steps)
+
+    tb = None
+    if tcfg.tensorboard:
+        from tensorboardX import SummaryWriter
+
+        tb = SummaryWriter(str(run_dir / "tb"), purge_step=start + 1 if start else None)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    metrics_f = open(run_dir / "metrics.jsonl", "a")
+    ids_f = open(run_dir / "sample_ids.jsonl", "a") if log_sample_ids else None
+    t_last, tok_since = time.perf_counter(), 0
+    try:
+        for step in range(start + 1, num_steps + 1):
+            batch = corpus.batch(step - 1)
+            state, opt_state, m = step_fn(state, opt_state, shard_batch(batch["tokens"], mesh),
+                                          shard_batch(batch["mask"], mesh))
+            tok_since += int(batch["mask"].sum())
+            loss = float(m["loss"])  # one sync per step: a NaN is caught at the step that made it
+            if not math.isfinite(loss):
+                raise MoegrokError(
+                    f"non-finite loss ({loss}) at step {step}; stopped without saving. The last good checkpoint "
+                    f"is step {mngr.latest_step()}; lower train.learning_rate or check the data")
+            if ids_f is not None:
+                ids_f.write(json.dumps({"step": step, "ids": [int(i) for i in batch["sample_ids"]]}) + "\n")
+            if step % tcfg.log_every == 0 or step == num_steps:
+                now = time.perf_counter()
+                row = {"step": step, **{k: float(v) for k, v in m.items()},
+                       "lr": float(sched(step - 1)), "tokens_per_s": tok_since / (now - t_last)}
+                metrics_f.write(json.dumps(row) + "\n")
+                metrics_f.flush()
+                if tb is not None:
+                    for k, v in row.items():
+                        if k != "step":
+                            tb.add_scalar(f"train/{k}", v, step)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                t_last, tok_since = now, 0
+            if bar is not None:
+                bar.update(1)
+            if step in ckpt_steps:
+                nnx.update(model, state)
+                record, ev = evaluate(model, corpus, tcfg.eval_batch_size)
+                if ids_f is not None:
+                    ids_f.flush()
+                    os.fsync(ids_f.fileno())
+                rundir.write_record(run_dir, step, record, ev)
+                save_checkpoint(mngr, step, model, opt_state)
+                if tb is not None:
+                    for d, v in ev["val_loss"].items():
+                        tb.add_scalar(f"val_loss/{d}", v, step)
+                    for d, v in ev["test"].items():
+                        tb.add_scalar(f"test_accuracy/{d}", v["accuracy"], step)
+                if bar is not None:
+                    acc = " ".join(f"{d}={v['accuracy']:.2f}" for d, v in ev["test"].items())
+                    bar.write(f"step {step}: checkpoint; test accuracy {acc}")
+            if on_step is not None:
+                on_step(step)
+    finally:
+        metrics_f.close()
+        if ids_f is not None:
+            ids_f.close()
+        if bar is not None:
+            bar.close()
+        if tb is not None:
+            tb.close()
+        mngr.close()
+    rundir.write_meta(run_dir, finished=True)
+    return run_dir
+

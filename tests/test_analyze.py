@@ -1,0 +1,223 @@
+"""`moegrok analyze` end to end on synthesized run directories, plus its edge cases."""
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from moegrok.cli import main
+from synthetic_run import SynthSpec, make_run
+
+FILES = ("metrics.csv", "layerwise.csv", "samples.csv", "test_items.csv", "lag.csv", "correlations.csv",
+         "correlations.md", "summary.json", "report.md")
+FIGS = ("memorized_vs_accuracy.png", "lag.png", "distance_vs_loss.png", "layerwise_distance.png",
+        "consistency_vs_loss.png")
+
+
+def analyze(run, *extra):
+    assert main(["analyze", str(run), "--embedding", "tfidf", "--no-progress", *extra]) == 0
+    return run / "analysis"
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def no_bare_nan(out):
+    for name in FILES:
+        text = (out / name).read_text()
+        for bad in (",nan", "nan,", " nan ", "NaN"):
+            assert bad not in text, f"{name} contains a bare NaN ({bad!r})"
+
+
+def load_records(run):
+    steps = sorted(int(p.name[5:]) for p in (run / "records").iterdir() if p.name.startswith("step_"))
+    probes = [np.load(run / "records" / f"step_{s:09d}" / "probe.npz") for s in steps]
+    evals = [json.loads((run / "records" / f"step_{s:09d}" / "eval.json").read_text()) for s in steps]
+    return steps, probes, evals
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    run = make_run(tmp_path_factory.mktemp("r") / "run")
+    return run, analyze(run)
+
+
+def test_writes_every_file_and_figures_open(full_run):
+    run, out = full_run
+    for name in FILES:
+        assert (out / name).stat().st_size > 0, name
+    for name in FIGS:
+        with Image.open(out / "figures" / name) as im:
+            im.load()
+            assert im.size[0] > 100 and im.size[1] > 100
+    report = (out / "report.md").read_text()
+    for name in FIGS:
+        assert f"figures/{name}" in report
+    assert "char-3-5gram-tfidf" in report and "Benjamini-Hochberg" in report
+    no_bare_nan(out)
+
+
+def test_memorization_and_consistency_match_independent_recomputation(full_run):
+    run, out = full_run
+    steps, probes, evals = load_records(run)
+    summary = json.loads((out / "summary.json").read_text())
+    loss = np.stack([p["sample_loss"] for p in probes]).astype(np.float64)
+    dom = probes[0]["domains"]
+    samples = {int(r["sample_id"]): r for r in read_csv(out / "samples.csv")}
+    for d in ("math", "knowledge"):
+        eps = summary["domains"][d]["epsilon"]
+        for i in np.flatnonzero(dom == d):
+            l = loss[:, i]
+            t = next((t for t in range(len(steps) - 1)
+                      if all(l[u] <= eps and abs(l[u] - l[-1]) <= 0.05 for u in range(t, len(steps)))), None)
+            assert samples[i]["t_star_step"] == ("never" if t is None else str(steps[t]))
+    # R of the memorized math samples at the last checkpoint, straight from SPEC §5
+    mem = [i for i in np.flatnonzero(dom == "math") if samples[i]["t_star_step"] != "never"]
+    p = probes[-1]
+    e = np.einsum("nle,led->nld", p["route_probs"][mem].astype(np.float64), p["router_weights"].astype(np.float64))
+    cos = (e[:, :-1] * e[:, 1:]).sum(-1) / (np.linalg.norm(e[:, :-1], axis=-1) * np.linalg.norm(e[:, 1:], axis=-1))
+    row = next(r for r in read_csv(out / "metrics.csv")
+               if r["domain"] == "math" and r["group"] == "memorized" and r["step"] == str(steps[-1]))
+    assert float(row["R_mean"]) == pytest.approx(cos.mean(1).mean(), rel=1e-4)
+    assert float(row["loss_mean"]) == pytest.approx(loss[-1, mem].mean(), rel=1e-5)
+
+
+def test_pathway_columns_match_rapidfuzz(full_run):
+    from rapidfuzz.distance import Levenshtein
+
+    run, out = full_run
+    steps, probes, _ = load_records(run)
+    samples = read_csv(out / "samples.csv")
+    rows = read_csv(out / "metrics.csv")
+    for c in (0, len(steps) - 1):
+        p = probes[c]
+        for d in ("math", "knowledge"):
+            mem = [int(r["sample_id"]) for r in samples if r["domain"] == d and r["t_star_step"] != "never"]
+            paths = []
+            for i in mem:  # tau rule written out: sort descending (stable), keep until the sum reaches 0.7
+                layers = []
+                for g in p["route_probs"][i].astype(np.float64):
+                    order = sorted(range(len(g)), key=lambda e: (-g[e], e))
+                    kept, total = [], 0.0
+                    for e in order:
+                        kept.append(e)
+                        total += g[e]
+                        if total >= 0.7:
+                            break
+                    layers.append(",".join(map(str, kept)))
+                paths.append("-".join(layers))
+            pairs = [(a, b) for k, a in enumerate(paths) for b in paths[k + 1:]]
+            row = next(r for r in rows if r["domain"] == d and r["group"] == "memorized" and r["step"] == str(steps[c]))
+            if len(pairs) == 0:
+                assert row["path_text"].startswith("n/a")
+                continue
+            ref = np.mean([Levenshtein.distance(a, b) for a, b in pairs])
+            ref_n = np.mean([Levenshtein.distance(a, b) / max(len(a), len(b)) for a, b in pairs])
+            assert float(row["path_text"]) == pytest.approx(ref, rel=1e-5)
+            assert float(row["path_text_norm"]) == pytest.approx(ref_n, rel=1e-5)
+
+
+def test_correlation_table_matches_numpy(full_run):
+    run, out = full_run
+    steps, probes, evals = load_records(run)
+    metrics = read_csv(out / "metrics.csv")
+    acc = np.array([e["test"]["knowledge"]["accuracy"] for e in evals])
+    loss = np.array([float(r["loss_mean"]) for r in sorted(
+        (r for r in metrics if r["domain"] == "knowledge" and r["group"] == "domain"), key=lambda r: int(r["step"]))])
+    row = next(r for r in read_csv(out / "correlations.csv") if r["domain"] == "knowledge" and r["window"] == "all"
+               and r["metric"] == "training loss (domain)" and r["kind"] == "raw")
+    assert int(row["n"]) == len(steps)
+    assert float(row["pearson_r"]) == pytest.approx(np.corrcoef(loss, acc)[0, 1], rel=1e-4)
+    val = np.array([e["val_loss"]["knowledge"] for e in evals])
+    row = next(r for r in read_csv(out / "correlations.csv") if r["domain"] == "knowledge" and r["window"] == "all"
+               and r["metric"] == "validation loss" and r["kind"] == "diff")
+    assert int(row["n"]) == len(steps) - 1
+    assert float(row["pearson_r"]) == pytest.approx(np.corrcoef(np.diff(val), np.diff(acc))[0, 1], rel=1e-4)
+    md = (out / "correlations.md").read_text()
+    assert "| metric | knowledge | math |" in md and "n=8" in md
+
+
+def test_lag_rows_are_consistent(full_run):
+    run, out = full_run
+    lag = read_csv(out / "lag.csv")
+    assert lag, "the synthetic run has memorized and generalized groups to pair"
+    items = read_csv(out / "test_items.csv")
+    samples = read_csv(out / "samples.csv")
+    for r in lag:
+        assert int(r["lag_steps"]) == int(r["test_step"]) - int(r["train_step"])
+        assert int(r["n_train"]) == sum(s["domain"] == r["domain"] and s["t_star_step"] == r["train_step"]
+                                        for s in samples)
+        assert int(r["n_test"]) == sum(t["domain"] == r["domain"] and t["t_hash_step"] == r["test_step"]
+                                       for t in items)
+        assert r["embedding"] == "char-3-5gram-tfidf"
+
+
+def test_one_moe_layer_consistency_na(tmp_path):
+    out = analyze(make_run(tmp_path / "run", SynthSpec(num_layers=1, num_checkpoints=4)), "--no-figures")
+    rows = read_csv(out / "metrics.csv")
+    mem = [r for r in rows if r["group"] == "memorized"]
+    assert mem and all(r["S_mean"].startswith("n/a: consistency needs at least 2 MoE layers") for r in mem)
+    assert "needs at least 2 MoE layers" in (out / "report.md").read_text()
+    corr = [r for r in read_csv(out / "correlations.csv") if r["metric"] == "raw consistency R"]
+    assert all(r["note"].startswith("n/a") for r in corr)
+    no_bare_nan(out)
+
+
+@pytest.mark.parametrize("T", [1, 2])
+def test_too_few_checkpoints(tmp_path, T):
+    out = analyze(make_run(tmp_path / "run", SynthSpec(num_checkpoints=T)), "--no-figures")
+    corr = read_csv(out / "correlations.csv")
+    assert corr and all(r["note"].startswith("n/a") for r in corr)
+    report = (out / "report.md").read_text()
+    assert f"only {T} checkpoint(s)" in report
+    if T == 1:
+        assert "memorization needs at least 2 checkpoints" in report
+    no_bare_nan(out)
+
+
+def test_unfinished_run_is_provisional(tmp_path):
+    out = analyze(make_run(tmp_path / "run", SynthSpec(finished=False, num_checkpoints=4)), "--no-figures")
+    assert "not finished (provisional)" in (out / "report.md").read_text()
+    assert json.loads((out / "summary.json").read_text())["finished"] is False
+
+
+def test_singleton_group_and_constant_metric(tmp_path):
+    run = make_run(tmp_path / "run", SynthSpec(singleton_group=True, constant_val_loss=True, samples_per_domain=6,
+                                               num_checkpoints=5))
+    out = analyze(run, "--epsilon", "1.0", "--no-figures")
+    rows = read_csv(out / "metrics.csv")
+    single = [r for r in rows if r["domain"] == "math" and r["group"] == "Train@200"]
+    assert single and all(r["n_samples"] == "1" and "group has 1 sample" in r["note"] for r in single)
+    corr = [r for r in read_csv(out / "correlations.csv")
+            if r["metric"] == "validation loss" and r["kind"] in ("raw", "partial") and r["window"] == "all"]
+    assert len(corr) == 4 and all(r["note"] == "n/a: validation loss constant across checkpoints" for r in corr)
+    no_bare_nan(out)
+
+
+def test_control_run_columns(tmp_path):
+    run = make_run(tmp_path / "run")
+    ctl = make_run(tmp_path / "ctl", SynthSpec(seed=1, generalizes=False))
+    out = analyze(run, "--control", str(ctl), "--no-figures", "--token-position", "2")
+    rows = read_csv(out / "correlations.csv")
+    assert any(r["metric"] == "pathway distance (token position)" and r["note"] == "" for r in rows)
+    loss_rows = [r for r in rows if r["metric"] == "training loss (domain)" and r["window"] == "all"
+                 and r["kind"] == "raw"]
+    # both runs' losses fall over the same steps: the control "predicts" this run's accuracy too
+    assert all(r["tracks_time"] == "True" for r in loss_rows)
+    assert all(r["control_n"] == "8" for r in loss_rows)
+    assert "same in control" in (out / "correlations.md").read_text()
+
+
+def test_errors_are_clean(tmp_path, capsys):
+    assert main(["analyze", str(tmp_path / "missing")]) == 1
+    assert "not a directory" in capsys.readouterr().err
+    run = tmp_path / "empty"
+    run.mkdir()
+    (run / "meta.json").write_text(json.dumps({"format": "moegrok-run/1", "finished": False}))
+    assert main(["analyze", str(run), "--no-progress"]) == 1
+    assert "no complete checkpoint record" in capsys.readouterr().err
+    assert main(["analyze", str(run), "--tau", "1.5"]) == 1
+    assert "--tau must be in (0, 1]" in capsys.readouterr().err
