@@ -41,7 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # key=value overrides may come after options (`train CFG --run-dir D lr=...`), which argparse's
+        # positional matching does not allow on its own.
+        if isinstance(getattr(args, "overrides", None), list) and all("=" in e and not e.startswith("-")
+                                                                        for e in extra):
+            args.overrides += extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

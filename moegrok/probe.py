@@ -92,36 +92,28 @@ def mean_token_nll(model: MoeLM, tokens_NxT: np.ndarray, mask_NxT: np.ndarray, b
 
 
 @nnx.jit
-def _argmax_batch(model: MoeLM, tokens_BxT, mask_BxT):
-    return jnp.argmax(model(tokens_BxT, mask_BxT).logits, axis=-1).astype(jnp.int32)
+def _answer_hits(model: MoeLM, tokens_BxT, mask_BxT, answer_mask_BxT):
+    pred = jnp.argmax(model(tokens_BxT, mask_BxT).logits[:, :-1], axis=-1)
+    hit = (pred == tokens_BxT[:, 1:]) | ~answer_mask_BxT[:, 1:]
+    return jnp.all(hit, axis=1)
 
 
-def score_answers(model: MoeLM, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
-                  batch_size: int = 64, pad_id: int = 0) -> np.ndarray:
-    """Exact match of the answer tokens under argmax decoding, one bool per item.
+def score_answers(model: MoeLM, tokens_NxT: np.ndarray, mask_NxT: np.ndarray, answer_mask_NxT: np.ndarray,
+                  batch_size: int = 64) -> np.ndarray:
+    """Exact match of the answer tokens under argmax decoding, one bool per item (rows are `prompt answer`).
 
-    Teacher-forced argmax over the answer positions: the answer is all-correct under teacher forcing exactly when
+    Teacher-forced argmax over the answer positions: an answer is all-correct under teacher forcing exactly when
     greedy decoding reproduces it, so one forward pass per item replaces a decoding loop.
     """
-    if len(prompts) != len(answers):
-        raise ValueError("prompts and answers differ in length")
-    n = len(prompts)
+    tokens_NxT, mask_NxT = np.asarray(tokens_NxT, np.int32), np.asarray(mask_NxT, bool)
+    answer_NxT = np.asarray(answer_mask_NxT, bool)
+    n = tokens_NxT.shape[0]
     if n == 0:
         return np.zeros((0,), bool)
-    seqs = [list(p) + list(a) for p, a in zip(prompts, answers)]
-    T = max(len(s) for s in seqs)
-    tokens = np.full((n, T), pad_id, np.int32)
-    mask = np.zeros((n, T), bool)
-    for i, s in enumerate(seqs):
-        tokens[i, : len(s)] = s
-        mask[i, : len(s)] = True
+    if not answer_NxT.any(axis=1).all():
+        raise ValueError("every test item needs at least one answer token")
     bs = min(batch_size, n)
-    preds = np.concatenate([
-        np.asarray(_argmax_batch(model, jnp.asarray(_pad_rows(tokens[sl], bs)),
-                                 jnp.asarray(_pad_rows(mask[sl], bs))))[: sl.stop - sl.start]
+    return np.concatenate([
+        np.asarray(_answer_hits(model, *(jnp.asarray(_pad_rows(a[sl], bs))
+                                         for a in (tokens_NxT, mask_NxT, answer_NxT))))[: sl.stop - sl.start]
         for sl in _batches(n, bs)])
-    correct = np.zeros(n, bool)
-    for i, (p, a) in enumerate(zip(prompts, answers)):
-        lp = len(p)
-        correct[i] = bool(np.array_equal(preds[i, lp - 1: lp - 1 + len(a)], np.asarray(a)))
-    return correct

@@ -3,7 +3,9 @@ consistency, their correlation with test accuracy, and the `moegrok analyze` rep
 
 Modules: ``memorization`` (ε search, t*), ``generalization`` (t#, embeddings, Hungarian pairing, lag),
 ``consistency`` (S, C, R; JAX), ``pathways`` / ``levenshtein`` (SPEC §4), ``correlations`` (Table 1 and the
-controls beyond it), ``report`` (the whole pipeline, CSV/Markdown/figures), ``cli`` (`moegrok analyze`).
+controls beyond it), ``run_metrics`` (the whole pipeline in memory: load a run, per-checkpoint metric rows,
+correlation rows), ``figures`` (matplotlib), ``report`` (CSV/Markdown/JSON/report.md and `analyze`), ``cli``
+(`moegrok analyze`).
 Names below load lazily so importing this package does not import JAX.
 """
 from __future__ import annotations
@@ -11,9 +13,9 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "AnalysisConfig": "moegrok.analysis.report",
+    "AnalysisConfig": "moegrok.analysis.run_metrics",
     "analyze": "moegrok.analysis.report",
-    "compute_analysis": "moegrok.analysis.report",
+    "compute_analysis": "moegrok.analysis.run_metrics",
     "memorized_since": "moegrok.analysis.memorization",
     "select_epsilon": "moegrok.analysis.memorization",
     "generalized_since": "moegrok.analysis.generalization",

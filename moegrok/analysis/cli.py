@@ -54,7 +54,8 @@ def _check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check(args)
-    from moegrok.analysis.report import AnalysisConfig, analyze
+    from moegrok.analysis.report import analyze
+    from moegrok.analysis.run_metrics import AnalysisConfig
 
     cfg = AnalysisConfig(tau=args.tau, delta=args.delta, epsilon=args.epsilon, embedding=args.embedding,
                          correction=args.correction, max_pair_samples=args.max_pair_samples, seed=args.seed,

@@ -20,19 +20,21 @@ How it is laid out for a vector machine:
 - Pairs are computed in tiles of P patterns x Q texts (state ``[W, Q, P]``, P minor), patterns and texts sorted by
   length so a tile's padding is small; W is rounded up to a few buckets to bound the number of compilations; the
   loop trip count is dynamic. Memory per tile is O(W*Q*P); the [N, M] result is the only large array.
-- On CPU the tiles are small enough to stay in cache and run on one thread each, spread over all cores with a
-  thread pool (XLA does not split such small kernels across cores itself); on GPU the tiles are large.
+- On CPU a tile's state (~32k words per array) stays in L2; one call stacks one tile per core on a leading axis,
+  which XLA:CPU splits evenly over its threads (it runs one call at a time per device, so Python threads would
+  not help). On GPU the tiles are large and not stacked.
+- The step body is written so that XLA:CPU keeps few passes over memory: only (Pv, Mv) are carried, the
+  incoming deltas are packed into one byte per block, and two steps run per loop iteration.
 
 The match-mask idea and the block recurrence are textbook (Myers 1999, Hyyrö 2003); the wavefront layout, bit-31
 carry and bit-sliced masks are this module's choices for XLA.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import math
 import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
 import jax
@@ -187,8 +189,12 @@ def _advance(Pv, Mv, Eq, active):
     which block w+1 reads as its incoming delta at the next step. Block 0's incoming delta is +1 (row 0 of the
     DP matrix is 0, 1, 2, ...: global distance)."""
     head = Pv.shape[1:]
-    hin_n = jnp.concatenate([jnp.zeros((1, *head), jnp.uint32), Pv[:-1] >> 31], axis=0)
-    hin_p = jnp.concatenate([jnp.ones((1, *head), jnp.uint32), Mv[:-1] >> 31], axis=0)
+    # Incoming deltas packed in one byte per block (bit 0: -1, bit 1: +1): XLA materialises this shifted array
+    # between steps, and a byte is a quarter of the memory traffic of two uint32 arrays.
+    h = ((Pv[:-1] >> 31) | ((Mv[:-1] >> 31) << 1)).astype(jnp.uint8)
+    h = jnp.concatenate([jnp.full((1, *head), 2, jnp.uint8), h], axis=0)
+    hin_n = (h & 1).astype(jnp.uint32)
+    hin_p = (h >> 1).astype(jnp.uint32)
     Xv = Eq | Mv
     Eq = Eq | hin_n
     Xh = (((Eq & Pv) + Pv) ^ Pv) | Eq
@@ -228,8 +234,12 @@ def _scan_texts(planes_WRx, low_Wx, text_SxT, tlen_T, n_steps, expand_codes):
         active = expand_codes(col.reshape((W,) + (1,) * (text_SxT.ndim - 1)) < tlen_T.astype(jnp.uint32)[None])
         return _advance(Pv, Mv, Eq, active)
 
+    def two_steps(k, carry):  # two steps per iteration: measured ~10% faster for long patterns (fewer copies)
+        return body(2 * k + 1, body(2 * k, carry))
+
     init = (jnp.full(state_shape, 0xFFFFFFFF, jnp.uint32), jnp.zeros(state_shape, jnp.uint32))
-    Pv, Mv = jax.lax.fori_loop(0, n_steps, body, init)
+    # An extra step past the last column is a no-op: every block is inactive there.
+    Pv, Mv = jax.lax.fori_loop(0, (n_steps + 1) // 2, two_steps, init)
     pc = lambda v: jax.lax.population_count(v & low_Wx).astype(jnp.int32).sum(0)
     return pc(Pv) - pc(Mv)
 
@@ -248,10 +258,11 @@ def _pair_kernel(planes_WRB, low_WB, text_SB, tlen_B, n_steps):
 
 @functools.lru_cache(maxsize=None)
 def _compiled(kind: str, platform: str):
+    """The jitted kernel, batched over a leading axis of independent tiles (one per core on CPU)."""
     fn = {"grid": _grid_kernel, "pair": _pair_kernel}[kind]
     # 512-bit vectors: the body is pure integer logic, AVX-512 halves the instruction count where available.
     opts = {"xla_cpu_prefer_vector_width": 512} if platform == "cpu" else None
-    return jax.jit(fn, compiler_options=opts)
+    return jax.jit(jax.vmap(fn, in_axes=(0, 0, 0, 0, None)), compiler_options=opts)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -259,10 +270,10 @@ def _compiled(kind: str, platform: str):
 
 
 def _bucket(w: int) -> int:
-    """Round up to 1..8 exactly, then to a quarter of the enclosing power of two (<= 25% padding)."""
-    if w <= 8:
+    """Round up: exact to 16, then to an eighth of the enclosing power of two (<= 12.5% padding, few shapes)."""
+    if w <= 16:
         return max(w, 1)
-    step = (1 << (w.bit_length() - 1)) // 4
+    step = (1 << (w.bit_length() - 1)) // 8
     return -(-w // step) * step
 
 
@@ -287,7 +298,9 @@ def _platform() -> str:
     return jax.default_backend()
 
 
-def _workers(platform: str) -> int:
+def _stack(platform: str) -> int:
+    """Tiles per kernel call. XLA:CPU runs one call at a time per device but splits a large fusion over its
+    threads along the leading axis: one tile per core splits evenly. GPU tiles are large already."""
     if platform != "cpu":
         return 1
     try:
@@ -296,9 +309,12 @@ def _workers(platform: str) -> int:
         return max(1, os.cpu_count() or 1)
 
 
+_IN_FLIGHT = 4  # kernel calls queued ahead of the host
+
+
 # Tiling constants. CPU: a tile's state (2 x W*P*Q uint32) should stay in L2 and one tile runs per core;
 # GPU: tiles large enough to fill the device.
-_CPU_TILE_WORDS = 1 << 16
+_CPU_TILE_WORDS = 1 << 15
 _GPU_TILE_WORDS = 1 << 24
 _CPU_MAX_P = 64
 _GPU_MAX_P = 1024
@@ -320,76 +336,73 @@ def _pow2_at_most(n: int) -> int:
     return 1 << (max(int(n), 1).bit_length() - 1)
 
 
-def _grid_shape(W: int, n_pat: int, n_txt: int, chunk: int | None, platform: str) -> tuple[int, int]:
-    """Tile shape (P patterns, Q texts), powers of two with P*Q <= pairs per tile (P minor: vector lanes).
+def _run(kernel, jobs, platform: str) -> None:
+    """Run jobs ``(shape_key, build)`` where ``build() -> (arrays, n_steps, write)``; ``write(result)`` stores a
+    tile's distances. Consecutive jobs with the same key are stacked ``_stack(platform)`` deep into one call, and
+    a few calls stay in flight so host-side tile preparation overlaps the device."""
+    depth = _stack(platform)
+    pending: collections.deque = collections.deque()
 
-    Small inputs still get at least 8 x 8 tiles: a few more wasted lanes, far fewer distinct compilations."""
-    pairs = _pow2_at_most(_pairs_per_tile(W, chunk, platform))
-    P = min(_pow2_at_least(n_pat, 8), _CPU_MAX_P if platform == "cpu" else _GPU_MAX_P, pairs)
-    Q = min(_pow2_at_least(n_txt, 8), max(1, pairs // P))
-    return P, Q
+    def drain(limit: int) -> None:
+        while len(pending) > limit:
+            result, writes = pending.popleft()
+            result = np.asarray(result)
+            for c, write in enumerate(writes):
+                write(result[c])
 
-
-def _run_tasks(tasks, workers: int) -> None:
-    if workers == 1 or len(tasks) == 1:
-        for t in tasks:
-            t()
-        return
-    errors: list[BaseException] = []
-    lock = threading.Lock()
-
-    def wrap(t):
-        try:
-            t()
-        except BaseException as e:  # surfaced below, after the pool drains
-            with lock:
-                errors.append(e)
-
-    with ThreadPoolExecutor(workers) as ex:
-        list(ex.map(wrap, tasks))
-    if errors:
-        raise errors[0]
+    k = 0
+    while k < len(jobs):
+        key = jobs[k][0]
+        group = [jobs[k][1]]
+        while len(group) < depth and k + len(group) < len(jobs) and jobs[k + len(group)][0] == key:
+            group.append(jobs[k + len(group)][1])
+        k += len(group)
+        built = [build() for build in group]
+        while len(built) < depth:  # a full stack keeps one compiled shape per key; the copy's result is dropped
+            built.append((built[-1][0], built[-1][1], lambda result: None))
+        arrays = [np.stack(parts) for parts in zip(*(b[0] for b in built))]
+        n_steps = np.int32(max(b[1] for b in built))
+        pending.append((kernel(*arrays, n_steps), [b[2] for b in built]))
+        drain(_IN_FLIGHT)
+    drain(0)
 
 
 def _grid(pat: _Seqs, txt: _Seqs, R: int, out: np.ndarray, symmetric: bool, chunk: int | None) -> None:
     """Fill out[i, j] = d(pat_i, txt_j) (and out[j, i] when symmetric: then pat is txt, upper triangle only)."""
     platform = _platform()
-    kernel = _compiled("grid", platform)
     p_order = np.argsort(pat.lengths, kind="stable")
     t_order = np.argsort(txt.lengths, kind="stable")
-    t_rank = np.empty_like(t_order)
-    t_rank[t_order] = np.arange(t_order.size)
-    words = np.array([_bucket(-(-int(m) // WORD_BITS)) for m in pat.lengths[p_order]], np.int64)
     max_text = int(txt.lengths.max(initial=0))
-    tasks = []
-    start = 0
-    while start < p_order.size:
-        W = int(words[start])
-        stop = start + int(np.searchsorted(words[start:], W, side="right"))
-        group = p_order[start:stop]  # patterns of one word bucket, ascending length
-        P, Q = _grid_shape(W, group.size, t_order.size, chunk, platform)
-        rows = _pow2_at_least(max_text + 2 * W, 64)  # text height: a power of two, few compilations
-        for p0 in range(0, group.size, P):
-            pi = group[p0: p0 + P]
-            # Symmetric: only texts at or after the first pattern in the sorted order (upper triangle).
-            t_first = int(t_rank[pi].min()) if symmetric else 0
-            for q0 in range(t_first, t_order.size, Q):
-                tasks.append(functools.partial(_grid_tile, kernel, pat, txt, pi, t_order[q0: q0 + Q], W, R, P, Q,
-                                               rows, out, symmetric))
-        start = stop
-    _run_tasks(tasks, _workers(platform))
+    # Consecutive patterns in length order share a tile: similar lengths, so few padded words per tile.
+    P = min(_pow2_at_least(p_order.size, 8), _CPU_MAX_P if platform == "cpu" else _GPU_MAX_P,
+            _pow2_at_most(_pairs_per_tile(1, chunk, platform)))
+    jobs = []
+    for p0 in range(0, p_order.size, P):
+        pi = p_order[p0: p0 + P]
+        W = _bucket(-(-int(pat.lengths[pi].max()) // WORD_BITS))
+        Q = min(_pow2_at_least(t_order.size, 8), max(1, _pow2_at_most(_pairs_per_tile(W, chunk, platform)) // P))
+        rows = _pow2_at_least(max_text + 2 * W + 1, 64)  # text height: a power of two, few compilations
+        # Symmetric (pat is txt, same order): texts from the tile's first pattern on cover the upper triangle.
+        for q0 in range(p0 if symmetric else 0, t_order.size, Q):
+            build = functools.partial(_grid_tile, pat, txt, pi, t_order[q0: q0 + Q], W, R, P, Q, rows, out,
+                                      symmetric)
+            jobs.append(((W, P, Q, rows), build))
+    _run(_compiled("grid", platform), jobs, platform)
 
 
-def _grid_tile(kernel, pat, txt, pi, ti, W, R, P, Q, rows, out, symmetric) -> None:
+def _grid_tile(pat, txt, pi, ti, W, R, P, Q, rows, out, symmetric):
     pad_p = np.concatenate([pi, np.full(P - pi.size, pi[0])])
     pad_t = np.concatenate([ti, np.full(Q - ti.size, ti[0])])
     planes, low = _planes(pat, pad_p, W, R)
     text, tlen = _texts(txt, pad_t, W, rows)
-    n_steps = int(tlen.max()) + W - 1
-    d_QP = np.asarray(kernel(planes, low, text, tlen, np.int32(n_steps)))[: ti.size, : pi.size]
-    out[np.ix_(pi, ti)] = d_QP.T
-    if symmetric:
-        out[np.ix_(ti, pi)] = d_QP
+
+    def write(d_QP: np.ndarray) -> None:
+        d_QP = d_QP[: ti.size, : pi.size]
+        out[np.ix_(pi, ti)] = d_QP.T
+        if symmetric:
+            out[np.ix_(ti, pi)] = d_QP
+
+    return (planes, low, text, tlen), int(tlen.max()) + W - 1, write
 
 
 def levenshtein_matrix(a: Any, b: Any = None, *, a_lengths: Any = None, b_lengths: Any = None,
@@ -457,7 +470,6 @@ def levenshtein_pairs(a: Any, i: Any, j: Any, b: Any = None, *, a_lengths: Any =
     la, lb = sa.lengths[ii], sb.lengths[jj]
     swap = la > lb
     platform = _platform()
-    kernel = _compiled("pair", platform)
     joint = _Seqs(np.concatenate([sa.codes, sb.codes]), np.concatenate([sa.starts, sb.starts + sa.codes.size]),
                   np.concatenate([sa.lengths, sb.lengths]))
     a_row, b_row = ii, jj + len(sa)
@@ -467,24 +479,28 @@ def levenshtein_pairs(a: Any, i: Any, j: Any, b: Any = None, *, a_lengths: Any =
     words = np.array([_bucket(-(-int(m) // WORD_BITS)) for m in pat_len], np.int64)
     order = np.lexsort((np.maximum(la, lb), words))
     max_text = int(np.maximum(la, lb).max())
-    tasks = []
+    jobs = []
     start = 0
     while start < order.size:
         W = int(words[order[start]])
         stop = start + int(np.searchsorted(words[order[start:]], W, side="right"))
         batch = min(_pow2_at_least(stop - start, 64), _pow2_at_most(_pairs_per_tile(W, chunk, platform)))
-        rows = _pow2_at_least(max_text + 2 * W, 64)
+        rows = _pow2_at_least(max_text + 2 * W + 1, 64)
         for k0 in range(start, stop, batch):
             ks = order[k0: min(k0 + batch, stop)]
-            tasks.append(functools.partial(_pair_batch, kernel, joint, p_row, t_row, ks, W, R, batch, rows, out))
+            jobs.append(((W, batch, rows), functools.partial(_pair_batch, joint, p_row, t_row, ks, W, R, batch,
+                                                             rows, out)))
         start = stop
-    _run_tasks(tasks, _workers(platform))
+    _run(_compiled("pair", platform), jobs, platform)
     return out
 
 
-def _pair_batch(kernel, joint, p_row, t_row, ks, W, R, batch, rows, out) -> None:
+def _pair_batch(joint, p_row, t_row, ks, W, R, batch, rows, out):
     ks_pad = np.concatenate([ks, np.full(batch - ks.size, ks[0])])
     planes, low = _planes(joint, p_row[ks_pad], W, R)
     text, tlen = _texts(joint, t_row[ks_pad], W, rows)
-    n_steps = int(tlen.max()) + W - 1
-    out[ks] = np.asarray(kernel(planes, low, text, tlen, np.int32(n_steps)))[: ks.size]
+
+    def write(d_B: np.ndarray) -> None:
+        out[ks] = d_B[: ks.size]
+
+    return (planes, low, text, tlen), int(tlen.max()) + W - 1, write

@@ -7,7 +7,6 @@ with :meth:`DataConfig.from_dict`, which names any bad field and what it accepts
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Mapping
 
 from moegrok.errors import MoegrokError
@@ -265,8 +264,3 @@ def _domain_from_any(x: Any) -> DomainConfig:
     if unknown:
         raise MoegrokError(f"data config: domain '{x['name']}': unknown field(s) {unknown}; allowed: {names}")
     return DomainConfig(**x)
-
-
-def log_count(n: int, k: int) -> float:
-    """log(n**k) without overflow, used to check that enough distinct documents exist."""
-    return k * math.log(max(n, 1))

@@ -124,7 +124,8 @@ def _synthetic_domain(cfg: DataConfig, d: DomainConfig, facts: FactTable, st: D.
     fidx = facts.test_facts.tolist()
     test = {"tokens": ttok, "length": tlen, "answer_mask": tamask, "prompt_len": plen,
             "ids": [f"{d.name}/{k}" for k in fidx],
-            "prompts": [" ".join(facts.prompts[k]) for k in fidx], "answers": [" ".join(facts.answers[k]) for k in fidx]}
+            "prompts": [" ".join(facts.prompts[k]) for k in fidx],
+            "answers": [" ".join(facts.answers[k]) for k in fidx]}
     stats = {"kind": d.kind, "twin": d.twin, "docs_per_step": d.docs_per_step, "train_docs": n_train,
              "val_docs": cfg.val_docs, "probe_docs": len(probe_pos), "test_items": len(fidx),
              "facts": facts.num_facts, "train_facts": len(facts.train_facts),
@@ -196,7 +197,9 @@ def _text_domain(cfg: DataConfig, d: DomainConfig, src: _TextSource, tok, seq_le
     stats = {"kind": "text", "twin": False, "docs_per_step": d.docs_per_step, "train_docs": n_train,
              "val_docs": len(val_idx), "probe_docs": len(probe_pos), "test_items": len(test["ids"]),
              "file": src.docs.path, "docs_in_file": n_docs, "unused_docs": n_docs - cfg.val_docs - n_train,
-             "truncated_docs": int(truncated), "train_tokens": int(length.sum())}
+             "truncated_docs": int(truncated), "train_tokens": int(length.sum()),
+             # synthetic documents are unique by construction; a user's file may repeat itself
+             "duplicate_docs": n_docs - len(set(src.docs.texts))}
     return DomainData(d, tokens, length, offset + train_idx.astype(np.int64), probe_pos,
                       np.zeros((len(probe_pos), seq_len), bool), val, test, stats)
 
@@ -239,8 +242,8 @@ def build_corpus(cfg: DataConfig) -> "Corpus":
         longest = need + [2 + max(len(x) for x in s.encoded) for s in sources.values()]
         seq_len = max(longest)
         if seq_len > MAX_AUTO_SEQ_LEN:
-            raise MoegrokError(f"data config: the longest document has {seq_len} tokens; set field 'seq_len' (documents "
-                               "longer than it are truncated)")
+            raise MoegrokError(f"data config: the longest document has {seq_len} tokens; set field 'seq_len' "
+                               "(documents longer than it are truncated)")
     else:
         seq_len = cfg.seq_len
         for d, n in zip(synth, need):
@@ -282,7 +285,9 @@ class Corpus:
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """Batch of ``step`` (0-based): ``tokens`` int32 [B, T], ``mask`` bool [B, T] (True on real tokens, BOS
         included), ``sample_ids`` int64 [B], ``domain_ids`` int32 [B] (index into :attr:`domains`). Rows are grouped
-        by domain in config order. A pure function of (config, step)."""
+        by domain in config order. A pure function of (config, step). Next-token training: inputs ``tokens[:, :-1]``,
+        targets ``tokens[:, 1:]`` where ``mask[:, 1:]`` (BOS is never a target; the model sees ``seq_len - 1``
+        positions)."""
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not 0 <= step < self.num_steps:
             raise MoegrokError(f"data: step {step!r} is outside the epoch [0, {self.num_steps})")
         step = int(step)
@@ -351,7 +356,8 @@ class Corpus:
     def probe_records(self) -> list[dict]:
         """Rows for ``probes.jsonl`` in probe-record order: ``{"id", "domain", "text"}``."""
         p = self.probe_set()
-        return [{"id": int(i), "domain": str(d), "text": t} for i, d, t in zip(p["sample_ids"], p["domains"], p["texts"])]
+        return [{"id": int(i), "domain": str(d), "text": t}
+                for i, d, t in zip(p["sample_ids"], p["domains"], p["texts"])]
 
     def test_records(self) -> list[dict]:
         """Rows for ``tests.jsonl``: ``{"id", "domain", "prompt", "answer"}`` over all domains."""

@@ -135,9 +135,9 @@ class HFTokenizer:
         self.directory = str(path)
         self._tok = tok
         bos, eos, pad = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
-        bos = bos if bos is not None else eos if eos is not None else getattr(tok, "cls_token_id", None)
-        eos = eos if eos is not None else getattr(tok, "sep_token_id", None) or bos
-        pad = pad if pad is not None else eos
+        bos = _first(bos, eos, getattr(tok, "cls_token_id", None))
+        eos = _first(eos, getattr(tok, "sep_token_id", None), bos)
+        pad = _first(pad, eos)
         if bos is None or eos is None:
             raise MoegrokError(f"tokenizer: {path} defines none of bos_token, eos_token, cls_token; add a special "
                                "token to mark document starts")
@@ -155,6 +155,10 @@ class HFTokenizer:
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+
+def _first(*ids):
+    return next((i for i in ids if i is not None), None)
 
 
 def load_tokenizer(directory: str | None, symbols: Sequence[str], byte_fallback: bool):

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from moegrok.theory import _pathways
+from moegrok.analysis import pathways
 from moegrok.theory.kernel import (TheoryError, complexity_bound, effective_dimension, kernel_ridge_fit,
                                    kernel_spectrum, relative_lambda, routing_cross_kernel, routing_kernel)
 from moegrok.theory.ntk import ReluExperts, init_relu_experts, moe_apply, relu_expert_kernels
@@ -37,7 +37,7 @@ from moegrok.theory.ntk import ReluExperts, init_relu_experts, moe_apply, relu_e
 @dataclasses.dataclass(frozen=True)
 class SyntheticConfig:
     n: int = 200  # training samples
-    n_test: int = 500  # held-out samples for the excess risk
+    n_test: int = 200  # held-out samples for the excess risk
     dim: int = 100
     num_experts: int = 16
     num_clusters: int = 4
@@ -55,9 +55,10 @@ class SyntheticConfig:
     C1: float = 1.0
     C2: float = 1.0
     train_widths: tuple[int, ...] = (64, 256, 1024)
-    train_seeds: int = 3  # the first seeds also run the training study
+    train_seeds: int = 2  # the first seeds also run the training study
     train_routings: tuple[tuple[float, float], ...] = ((0.0, 1.0), (0.0, 0.1), (1.0, 0.1))  # (α, T)
-    train_steps: int = 2000
+    train_steps: int = 3000  # at most; fewer once the linearised model is within opt_tol of its optimum
+    opt_tol: float = 1e-3
     momentum: float = 0.9
     lr_scale: float = 1.0  # learning rate = lr_scale / (μ_max(H) + λ)
     chunk_size: int = 128
@@ -145,16 +146,14 @@ def routing(task: Task, alpha: float, temperature: float) -> tuple[np.ndarray, n
 
 def routing_stats(g_NxE: np.ndarray, tau: float) -> dict[str, float]:
     """Pathway distance (text and expert encodings, normalised) and the saturation diagnostics of SPEC §4."""
-    p = g_NxE[:, None, :]
-    lists = _pathways.tau_expert_lists(p, tau)
-    E = g_NxE.shape[1]
-    ent = -np.sum(np.where(g_NxE > 0, g_NxE * np.log(np.maximum(g_NxE, 1e-300)), 0.0), axis=1)
+    p = g_NxE[:, None, :]  # one MoE layer
+    sat = pathways.saturation(p, tau=tau)
     return {
-        "path_dist_text": _pathways.mean_pair_distance(_pathways.encode(lists, "text", E)),
-        "path_dist_expert": _pathways.mean_pair_distance(_pathways.encode(lists, "expert", E)),
-        "mean_kept": float(np.mean([len(s[0]) for s in lists])),
-        "top1_weight": float(g_NxE.max(axis=1).mean()),
-        "entropy": float(ent.mean()),
+        "path_dist_text": pathways.pathway_distance(p, tau=tau, encoding="text").mean_normalised,
+        "path_dist_expert": pathways.pathway_distance(p, tau=tau, encoding="expert").mean_normalised,
+        "mean_kept": sat.mean_kept,
+        "top1_weight": float(sat.top1_weight_L[0]),
+        "entropy": float(sat.entropy_L[0]),
     }
 
 
@@ -216,12 +215,12 @@ def _sgd(lr: float, momentum: float):
 
 
 @functools.cache
-def _train_fn(steps: int, momentum: float) -> Callable:
+def _train_fn(momentum: float) -> Callable:
     import jax
     import jax.numpy as jnp
     import optax
 
-    def run(params0, g, X, y, lam, lr):
+    def run(params0, g, X, y, lam, lr, steps):
         opt = _sgd(lr, momentum)
 
         def loss(p):
@@ -229,13 +228,13 @@ def _train_fn(steps: int, momentum: float) -> Callable:
             reg = sum(jnp.sum((a - b) ** 2) for a, b in zip(p, params0))
             return 0.5 * jnp.dot(r, r) + 0.5 * lam * reg
 
-        def step(carry, _):
+        def step(_, carry):
             p, s = carry
-            grads = jax.grad(loss)(p)
-            upd, s = opt.update(grads, s, p)
-            return (optax.apply_updates(p, upd), s), None
+            upd, s = opt.update(jax.grad(loss)(p), s, p)
+            return optax.apply_updates(p, upd), s
 
-        (p, _), _ = jax.lax.scan(step, (params0, opt.init(params0)), None, length=steps)
+        # A traced step count (a while loop) compiles once per shape, whatever number of steps each run needs.
+        p, _ = jax.lax.fori_loop(0, steps, step, (params0, opt.init(params0)))
         return p, loss(p)
 
     return jax.jit(run)
@@ -255,11 +254,12 @@ def _dual_fn(steps: int, momentum: float) -> Callable:
         def step(carry, _):
             c, s = carry
             upd, s = opt.update(H @ c - y + lam * c, s, c)
-            return (optax.apply_updates(c, upd), s), None
+            c = optax.apply_updates(c, upd)
+            return (c, s), c
 
         c0 = jnp.zeros_like(y)
-        (c, _), _ = jax.lax.scan(step, (c0, opt.init(c0)), None, length=steps)
-        return c
+        _, cs = jax.lax.scan(step, (c0, opt.init(c0)), None, length=steps)
+        return cs
 
     return jax.jit(run)
 
@@ -270,22 +270,30 @@ def train_network(experts: ReluExperts, g_NxE: np.ndarray, X_NxD: np.ndarray, y_
     import jax.numpy as jnp
 
     f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
-    p, loss = _train_fn(int(steps), float(momentum))((f32(experts.W), f32(experts.a)), f32(g_NxE), f32(X_NxD),
-                                                      f32(y_N), f32(lam), f32(lr))
+    p, loss = _train_fn(float(momentum))((f32(experts.W), f32(experts.a)), f32(g_NxE), f32(X_NxD), f32(y_N),
+                                         f32(lam), f32(lr), jnp.int32(steps))
     if not np.isfinite(float(loss)):
         raise TheoryError(f"network training diverged (loss {float(loss)}) at lr {lr:.3g}: lower lr_scale")
     return (np.asarray(p[0], np.float64), np.asarray(p[1], np.float64)), float(loss)
 
 
 def linearised_gd(H: np.ndarray, y_N: np.ndarray, lam: float, lr: float, steps: int, momentum: float) -> np.ndarray:
-    """Dual coefficients c after `steps` of the same optimizer on the linearised model (float64)."""
+    """Dual coefficients ``c_t [steps, n]`` after each step of the same optimizer on the linearised model (f64)."""
     import jax
     import jax.numpy as jnp
 
     with jax.enable_x64(True):
-        c = _dual_fn(int(steps), float(momentum))(jnp.asarray(H), jnp.asarray(y_N), jnp.float64(lam),
-                                                   jnp.float64(lr))
-        return np.asarray(c)
+        cs = _dual_fn(int(steps), float(momentum))(jnp.asarray(H), jnp.asarray(y_N), jnp.float64(lam),
+                                                    jnp.float64(lr))
+        return np.asarray(cs)
+
+
+def steps_to_converge(H: np.ndarray, cs_TxN: np.ndarray, alpha_N: np.ndarray, tol: float) -> tuple[int, bool]:
+    """First step at which the linearised in-sample predictor is within `tol` (relative) of the KRR optimum."""
+    target = H @ alpha_N
+    gaps = np.linalg.norm(cs_TxN @ H - target, axis=1) / max(float(np.linalg.norm(target)), 1e-300)
+    hit = np.flatnonzero(gaps <= tol)
+    return (int(hit[0]) + 1, True) if hit.size else (cs_TxN.shape[0], False)
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -307,9 +315,11 @@ def train_run(cfg: SyntheticConfig, seed: int, width: int, alpha: float, tempera
 
     alpha_krr = kernel_ridge_fit(spec, task.y_N, cfg.lam)
     krr_tr, krr_te = H @ alpha_krr, Theta_te @ alpha_krr
-    c = linearised_gd(H, task.y_N, cfg.lam, lr, cfg.train_steps, cfg.momentum)
+    cs = linearised_gd(H, task.y_N, cfg.lam, lr, cfg.train_steps, cfg.momentum)
+    steps, converged = steps_to_converge(H, cs, alpha_krr, cfg.opt_tol)
+    c = cs[steps - 1]
     lin_tr, lin_te = H @ c, Theta_te @ c
-    params, loss = train_network(experts, g_tr, task.X_NxD, task.y_N, cfg.lam, lr, cfg.train_steps, cfg.momentum)
+    params, loss = train_network(experts, g_tr, task.X_NxD, task.y_N, cfg.lam, lr, steps, cfg.momentum)
     net_tr = np.asarray(moe_apply(params, g_tr, task.X_NxD), np.float64)
     net_te = np.asarray(moe_apply(params, g_te, task.Xt_MxD), np.float64)
     bound = complexity_bound(spec, task.y_N, cfg.lam, cfg.noise_std ** 2, cfg.delta, cfg.C1, cfg.C2)
@@ -317,8 +327,8 @@ def train_run(cfg: SyntheticConfig, seed: int, width: int, alpha: float, tempera
           for who, (ptr, pte) in {"net": (net_tr, net_te), "krr": (krr_tr, krr_te)}.items()
           for where, pred, f in (("in_sample", ptr, task.f_N), ("held_out", pte, task.ft_M))}
     return {
-        "seed": seed, "alpha": alpha, "temperature": temperature, "width": width, "steps": cfg.train_steps,
-        "lr": lr, "final_loss": loss,
+        "seed": seed, "alpha": alpha, "temperature": temperature, "width": width, "steps": steps,
+        "linearised_converged": converged, "lr": lr, "final_loss": loss,
         "gap_net_vs_krr_held_out": _rel(net_te, krr_te),
         "gap_net_vs_krr_in_sample": _rel(net_tr, krr_tr),
         "gap_net_vs_lin_same_steps": _rel(net_te, lin_te),

@@ -162,21 +162,18 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig, corpus) -> bool:
             raise MoegrokError(
                 f"{run_dir} holds a run with a different config ({'; '.join(diffs[:6])}); "
                 f"use a new --run-dir or the same config to resume")
+        meta = json.loads((run_dir / "meta.json").read_text())
+        if meta.get("data_fingerprint") not in (None, corpus.fingerprint):
+            raise MoegrokError(f"{run_dir}: the training data changed since this run started (corpus fingerprint "
+                               f"differs; were the corpus files edited?); resuming would not be one clean epoch")
         return True
-    probes = corpus.probe_set()
-    rundir.write_jsonl(run_dir / "probes.jsonl", [
-        {"id": int(i), "domain": d, "text": t} for i, d, t in zip(probes["sample_ids"], probes["domains"],
-                                                                  probes["texts"])])
-    tests = []
-    for d in corpus.domains:
-        ts = corpus.test_set(d)
-        tests += [{"id": i, "domain": d, "prompt": p, "answer": a}
-                  for i, p, a in zip(ts["ids"], ts["prompt_texts"], ts["answer_texts"])]
-    rundir.write_jsonl(run_dir / "tests.jsonl", tests)
+    rundir.write_jsonl(run_dir / "probes.jsonl", corpus.probe_records())
+    rundir.write_jsonl(run_dir / "tests.jsonl", corpus.test_records())
     rundir.write_meta(run_dir, producer="train", num_layers=cfg.model.num_hidden_layers,
                       num_experts=cfg.model.num_experts, top_k=cfg.model.num_experts_per_tok,
                       d_model=cfg.model.hidden_size, domains=list(corpus.domains),
-                      total_steps=int(corpus_steps(corpus, cfg.train)), finished=False)
+                      total_steps=int(corpus_steps(corpus, cfg.train)), finished=False,
+                      data_fingerprint=corpus.fingerprint, corpus=corpus.summary())
     tmp = cfg_path.with_suffix(".yaml.tmp")
     tmp.write_text(yaml.safe_dump(resolved, sort_keys=True))
     os.replace(tmp, cfg_path)  # last: a directory with config.yaml is a complete run start
@@ -218,7 +215,7 @@ def evaluate(model: MoeLM, corpus, batch_size: int) -> tuple[dict, dict]:
         v = corpus.val_set(d)
         ev["val_loss"][d] = mean_token_nll(model, v["tokens"], v["mask"], batch_size)
         ts = corpus.test_set(d)
-        correct = score_answers(model, ts["prompts"], ts["answers"], batch_size, pad_id=corpus.tokenizer.pad_id)
+        correct = score_answers(model, ts["tokens"], ts["mask"], ts["answer_mask"], batch_size)
         ev["test"][d] = {"accuracy": float(correct.mean()) if len(correct) else float("nan"),
                          "ids": list(ts["ids"]), "correct": correct.astype(int).tolist()}
     return record, ev
@@ -250,8 +247,9 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
     if mngr.latest_step() is not None:
         opt_state, start = restore_checkpoint(mngr, mngr.latest_step(), model, opt_state)
         graphdef, state = nnx.split(model)
-        _truncate_jsonl(run_dir / "metrics.jsonl", start)
-        _truncate_jsonl(run_dir / "sample_ids.jsonl", start)
+    # Lines logged after the restored step (or by an attempt that died before its first checkpoint) are replayed.
+    _truncate_jsonl(run_dir / "metrics.jsonl", start)
+    _truncate_jsonl(run_dir / "sample_ids.jsonl", start)
     state = shard_state(state, mesh)
     opt_state = shard_state(opt_state, mesh)
     step_fn = make_train_step(graphdef, tx, cfg.model)
@@ -314,6 +312,7 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
                 if bar is not None:
                     acc = " ".join(f"{d}={v['accuracy']:.2f}" for d, v in ev["test"].items())
                     bar.write(f"step {step}: checkpoint; test accuracy {acc}")
+                t_last, tok_since = time.perf_counter(), 0  # evaluation time is not training throughput
             if on_step is not None:
                 on_step(step)
     finally:
