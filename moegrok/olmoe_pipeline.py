@@ -1,0 +1,362 @@
+"""`moegrok olmoe`: probe records for a trajectory of Hugging Face OLMoE checkpoints, in the run-directory format,
+so `moegrok analyze` runs unchanged. One checkpoint is resident at a time; a checkpoint already recorded is skipped.
+
+Per checkpoint: load (streamed), tokenize the probe texts with the checkpoint's tokenizer (or a given one), batch by
+length, run the forward with routing capture, write the probe record with the same function the trainer uses, and
+optionally score multiple-choice test items by log-likelihood (or take per-item correctness computed elsewhere).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from moegrok import rundir
+from moegrok.errors import MoegrokError
+
+STEP_RE = re.compile(r"step(\d+)(?:-tokens(\d+)B)?")
+BUCKET = 32  # pad lengths to a multiple of this: few distinct shapes, few compilations
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    step: int
+
+
+def order_checkpoints(paths: Sequence[str | Path]) -> list[Checkpoint]:
+    """Steps from `stepN-tokensMB` names when every checkpoint has one, else 1, 2, ... in the order given."""
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise MoegrokError("olmoe: no checkpoints given")
+    for p in paths:
+        if not p.is_dir():
+            raise MoegrokError(f"{p}: not a directory (expected a Hugging Face OLMoE checkpoint directory)")
+    steps = [STEP_RE.search(p.name) for p in paths]
+    if all(steps):
+        cks = sorted((Checkpoint(p, int(m.group(1))) for p, m in zip(paths, steps)), key=lambda c: c.step)
+        dup = sorted({c.step for c in cks if sum(d.step == c.step for d in cks) > 1})
+        if dup:
+            raise MoegrokError(f"olmoe: several checkpoints claim step(s) {dup}")
+        return cks
+    return [Checkpoint(p, i + 1) for i, p in enumerate(paths)]
+
+
+def _read_jsonl(path: Path, required: dict[str, type], what: str) -> list[dict]:
+    if not path.is_file():
+        raise MoegrokError(f"{path}: {what} file not found")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise MoegrokError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise MoegrokError(f"{path}:{i}: expected a JSON object")
+            for key, typ in required.items():
+                if key not in row:
+                    raise MoegrokError(f"{path}:{i}: missing field '{key}'")
+                if not isinstance(row[key], typ):
+                    raise MoegrokError(f"{path}:{i}: field '{key}' must be {typ.__name__ if isinstance(typ, type) else typ}")
+            rows.append(row)
+    if not rows:
+        raise MoegrokError(f"{path}: no {what} (the file is empty)")
+    ids = [r["id"] for r in rows]
+    if len(set(map(str, ids))) != len(ids):
+        raise MoegrokError(f"{path}: ids must be unique")
+    return rows
+
+
+def read_texts(path: str | Path) -> list[dict]:
+    rows = _read_jsonl(Path(path), {"id": (int, str), "domain": str, "text": str}, "probe texts")
+    for i, r in enumerate(rows, 1):
+        if not r["text"]:
+            raise MoegrokError(f"{path}: text of id {r['id']!r} is empty")
+    return rows
+
+
+def read_tests(path: str | Path) -> list[dict]:
+    rows = _read_jsonl(Path(path), {"id": (int, str), "domain": str, "question": str, "choices": list,
+                                    "answer": int}, "test items")
+    for r in rows:
+        if len(r["choices"]) < 2 or not all(isinstance(c, str) and c for c in r["choices"]):
+            raise MoegrokError(f"{path}: item {r['id']!r}: 'choices' must list at least 2 non-empty strings")
+        if not 0 <= r["answer"] < len(r["choices"]):
+            raise MoegrokError(f"{path}: item {r['id']!r}: 'answer' {r['answer']} is not an index into choices")
+    return rows
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types; name the directory
+        raise MoegrokError(f"{path}: no usable tokenizer ({type(e).__name__}: {str(e)[:200]}); pass --tokenizer DIR") \
+            from None
+
+
+def tokenize(tok, texts: Sequence[str], max_len: int, truncate: bool, what: str) -> list[list[int]]:
+    out = []
+    for i, t in enumerate(texts):
+        ids = tok(t)["input_ids"]
+        if len(ids) > max_len:
+            if not truncate:
+                raise MoegrokError(f"{what} #{i}: {len(ids)} tokens, longer than max length {max_len}; "
+                                   f"pass --truncate to cut it or raise --max-len")
+            ids = ids[:max_len]
+        if len(ids) < 2:
+            raise MoegrokError(f"{what} #{i}: fewer than 2 tokens, no next-token loss to measure")
+        out.append(list(ids))
+    return out
+
+
+def _bucketed(seqs: list[list[int]], batch_size: int):
+    """Index batches of similar length, each padded to a multiple of BUCKET."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    for s in range(0, len(order), batch_size):
+        idx = order[s: s + batch_size]
+        T = -(-max(len(seqs[i]) for i in idx) // BUCKET) * BUCKET
+        yield idx, T
+
+
+def _pad(seqs: list[list[int]], idx: list[int], T: int, pad_id: int):
+    tokens = np.full((len(idx), T), pad_id, np.int32)
+    mask = np.zeros((len(idx), T), bool)
+    for r, i in enumerate(idx):
+        tokens[r, : len(seqs[i])] = seqs[i]
+        mask[r, : len(seqs[i])] = True
+    return tokens, mask
+
+
+def record_for(model, seqs: list[list[int]], ids, domains, batch_size: int, pad_id: int, progress=None) -> dict:
+    """The probe record over variable-length texts: batched by length, reassembled in input order."""
+    from moegrok.probe import probe_record
+
+    n, T_all = len(seqs), -(-max(map(len, seqs)) // BUCKET) * BUCKET
+    parts: dict[str, Any] = {}
+    for idx, T in _bucketed(seqs, batch_size):
+        tokens, mask = _pad(seqs, idx, T, pad_id)
+        rec = probe_record(model, tokens, mask, [ids[i] for i in idx], [domains[i] for i in idx],
+                           batch_size=batch_size)
+        for key, v in rec.items():
+            if key == "router_weights":
+                parts[key] = v
+                continue
+            if key not in parts:
+                shape = (n, T_all) + v.shape[2:] if key in ("topk_ids", "topk_weights", "token_mask", "tokens") \
+                    else (n,) + v.shape[1:]
+                parts[key] = np.zeros(shape, v.dtype)
+            if v.ndim >= 2 and key in ("topk_ids", "topk_weights", "token_mask", "tokens"):
+                parts[key][idx, :T] = v
+            else:
+                parts[key][idx] = v
+        if progress is not None:
+            progress.update(len(idx))
+    parts["sample_ids"] = np.asarray(ids, np.int64)  # whole-list arrays: a batch's string width may be too narrow
+    parts["domains"] = np.asarray(list(domains), dtype=str)
+    return parts
+
+
+def score_multiple_choice(model, tok, tests: list[dict], max_len: int, batch_size: int, pad_id: int,
+                          norm: str = "sum") -> dict[str, dict]:
+    """Zero-shot multiple choice: the choice with the highest log-likelihood given the question wins
+    (`sum` of its tokens' log-probabilities, or their `mean`)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    @nnx.jit
+    def logprobs(m, tokens, mask):
+        logits = m(tokens, mask).logits[:, :-1]
+        lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        return jnp.take_along_axis(lp, tokens[:, 1:, None], axis=-1)[..., 0]
+
+    seqs, owners, cont_start = [], [], []
+    for j, t in enumerate(tests):
+        q = tok(t["question"])["input_ids"]
+        for c in t["choices"]:
+            full = tok(t["question"] + c)["input_ids"]
+            # The continuation is what follows the question's tokens (tokenizers may merge across the boundary,
+            # so score from the first position where the joint tokenization departs from the question's).
+            k = 0
+            while k < min(len(q), len(full)) and q[k] == full[k]:
+                k += 1
+            if len(full) > max_len:
+                raise MoegrokError(f"test item {t['id']!r}: question + choice is {len(full)} tokens, longer than "
+                                   f"max length {max_len}")
+            if k >= len(full) or k == 0:
+                raise MoegrokError(f"test item {t['id']!r}: choice {c!r} adds no scorable tokens")
+            seqs.append(full)
+            owners.append(j)
+            cont_start.append(k)
+    scores = np.zeros(len(seqs))
+    for idx, T in _bucketed(seqs, batch_size):
+        tokens, mask = _pad(seqs, idx + [idx[0]] * (batch_size - len(idx)), T, pad_id)
+        lp = np.asarray(logprobs(model, jnp.asarray(tokens), jnp.asarray(mask)))
+        for r, i in enumerate(idx):
+            s = lp[r, cont_start[i] - 1: len(seqs[i]) - 1]
+            scores[i] = s.sum() if norm == "sum" else s.mean()
+    out: dict[str, dict] = {}
+    pos = 0
+    for t in tests:
+        nc = len(t["choices"])
+        pred = int(np.argmax(scores[pos: pos + nc]))
+        pos += nc
+        d = out.setdefault(t["domain"], {"ids": [], "correct": []})
+        d["ids"].append(t["id"])
+        d["correct"].append(int(pred == t["answer"]))
+    for d in out.values():
+        d["accuracy"] = float(np.mean(d["correct"]))
+    return out
+
+
+def read_correctness(path: Path) -> dict[str, dict]:
+    """Per-item correctness computed elsewhere (e.g. after LoRA tuning): {domain: {"ids": [...], "correct": [...]}}."""
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MoegrokError(f"{path}: correctness file not found") from None
+    except json.JSONDecodeError as e:
+        raise MoegrokError(f"{path}: not valid JSON ({e.msg})") from None
+    out = {}
+    for d, v in raw.items():
+        if not isinstance(v, dict) or "ids" not in v or "correct" not in v or len(v["ids"]) != len(v["correct"]):
+            raise MoegrokError(f"{path}: domain {d!r} needs 'ids' and 'correct' lists of equal length")
+        c = [int(bool(x)) for x in v["correct"]]
+        out[d] = {"ids": list(v["ids"]), "correct": c, "accuracy": float(np.mean(c)) if c else float("nan")}
+    return out
+
+
+def run(checkpoints: Sequence[str | Path], texts: str | Path, run_dir: str | Path, *, tests: str | Path | None = None,
+        correctness_dir: str | Path | None = None, tokenizer: str | Path | None = None, max_len: int | None = None,
+        batch_size: int = 16, truncate: bool = False, dtype: str | None = None, mc_norm: str = "sum",
+        progress: bool = True) -> Path:
+    from moegrok.convert.hf import load_olmoe
+
+    run_dir = Path(run_dir)
+    cks = order_checkpoints(checkpoints)
+    probes = read_texts(texts)
+    test_rows = read_tests(tests) if tests else []
+    if mc_norm not in ("sum", "mean"):
+        raise MoegrokError(f"olmoe: --mc-norm must be 'sum' or 'mean', got {mc_norm!r}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    probe_rows = [{"id": r["id"], "domain": r["domain"], "text": r["text"]} for r in probes]
+    if (run_dir / "probes.jsonl").exists() and rundir.read_jsonl(run_dir / "probes.jsonl") != probe_rows:
+        raise MoegrokError(f"{run_dir} holds records of other probe texts; use a new --run-dir")
+    rundir.write_jsonl(run_dir / "probes.jsonl", probe_rows)
+    rundir.write_jsonl(run_dir / "tests.jsonl", [
+        {"id": t["id"], "domain": t["domain"], "prompt": t["question"], "answer": t["choices"][t["answer"]]}
+        for t in test_rows])
+    done = set(rundir.RunDir(run_dir).steps) if (run_dir / "meta.json").exists() else set()
+    rundir.write_meta(run_dir, producer="olmoe", domains=sorted({r["domain"] for r in probes}),
+                      checkpoints=[{"path": str(c.path), "step": c.step} for c in cks], finished=False)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(cks), desc="checkpoints", unit="ckpt", dynamic_ncols=True)
+    try:
+        for ck in cks:
+            if ck.step in done:
+                if bar:
+                    bar.update(1)
+                continue
+            model = load_olmoe(ck.path, dtype=dtype, progress=progress)
+            cfg = model.cfg
+            tok = load_tokenizer(Path(tokenizer) if tokenizer else ck.path)
+            limit = max_len or cfg.max_position_embeddings
+            pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+            seqs = tokenize(tok, [r["text"] for r in probes], limit, truncate, f"{texts}: text")
+            inner = None
+            if progress:
+                from tqdm.auto import tqdm
+
+                inner = tqdm(total=len(seqs), desc=f"step {ck.step}", unit="text", leave=False)
+            record = record_for(model, seqs, [_int_id(r["id"], i) for i, r in enumerate(probes)],
+                                [r["domain"] for r in probes], batch_size, pad_id, inner)
+            if inner:
+                inner.close()
+            ev: dict[str, Any] = {"val_loss": {}, "test": {}}
+            if correctness_dir:
+                ev["test"] = read_correctness(Path(correctness_dir) / f"{ck.path.name}.json")
+            elif test_rows:
+                ev["test"] = score_multiple_choice(model, tok, test_rows, limit, batch_size, pad_id, mc_norm)
+            rundir.write_record(run_dir, ck.step, record, ev)
+            rundir.write_meta(run_dir, num_layers=cfg.num_hidden_layers, num_experts=cfg.num_experts,
+                              top_k=cfg.num_experts_per_tok, d_model=cfg.hidden_size)
+            del model, record
+            gc.collect()  # one checkpoint resident at a time
+            if bar:
+                bar.update(1)
+    finally:
+        if bar:
+            bar.close()
+    rundir.write_meta(run_dir, finished=True)
+    return run_dir
+
+
+def _int_id(x, i: int) -> int:
+    """Probe records store integer sample ids; string ids map to their row number (probes.jsonl keeps them)."""
+    return int(x) if isinstance(x, int) or (isinstance(x, str) and x.isdigit()) else i
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+def register(sub) -> None:
+    p = sub.add_parser("olmoe", help="probe records for a trajectory of Hugging Face OLMoE checkpoints",
+                       description="Per checkpoint (one in memory at a time): per-sample loss and routing of the "
+                                   "probe texts, optional multiple-choice test scoring; writes a run directory "
+                                   "that `moegrok analyze` reads. Resumable.")
+    p.add_argument("--checkpoints", nargs="+", help="Hugging Face OLMoE directories (stepN-tokensMB names give steps)")
+    p.add_argument("--texts", help="probe texts, JSONL lines {id, domain, text}")
+    p.add_argument("--run-dir", help="output run directory")
+    p.add_argument("--config", help="YAML with any of these options as keys (flags win)")
+    p.add_argument("--tests", help="multiple-choice test items, JSONL {id, domain, question, choices, answer}")
+    p.add_argument("--correctness-dir", help="per-item correctness computed elsewhere: DIR/<checkpoint name>.json")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: each checkpoint's own)")
+    p.add_argument("--max-len", type=int, help="max tokens per text (default: the model's context)")
+    p.add_argument("--batch-size", type=int, help="texts per forward batch (default 16)")
+    p.add_argument("--truncate", action="store_true", help="cut texts longer than --max-len instead of failing")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--mc-norm", choices=["sum", "mean"], help="choice score: sum or mean token log-prob")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    opts: dict[str, Any] = {}
+    if args.config:
+        import yaml
+
+        path = Path(args.config)
+        if not path.is_file():
+            raise MoegrokError(f"{path}: config file not found")
+        opts = yaml.safe_load(path.read_text()) or {}
+        allowed = {"checkpoints", "texts", "run_dir", "tests", "correctness_dir", "tokenizer", "max_len",
+                   "batch_size", "truncate", "dtype", "mc_norm"}
+        unknown = sorted(set(opts) - allowed)
+        if unknown:
+            raise MoegrokError(f"{path}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    for k in ("checkpoints", "texts", "run_dir", "tests", "correctness_dir", "tokenizer", "max_len", "batch_size",
+              "dtype", "mc_norm"):
+        v = getattr(args, k)
+        if v is not None:
+            opts[k] = v
+    if args.truncate:
+        opts["truncate"] = True
+    for k in ("checkpoints", "texts", "run_dir"):
+        if not opts.get(k):
+            raise MoegrokError(f"olmoe: --{k.replace('_', '-')} is required (flag or config key '{k}')")
+    out = run(opts.pop("checkpoints"), opts.pop("texts"), opts.pop("run_dir"), progress=not args.no_progress,
+              **opts)
+    print(f"run directory: {out}")
+    return 0

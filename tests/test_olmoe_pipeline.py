@@ -1,0 +1,174 @@
+"""`moegrok olmoe` on a fake trajectory of three tiny random OLMoE checkpoints: records equal transformers + torch
+computed directly, resumability, errors, and `moegrok analyze` on the output."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moegrok import RunDir
+from moegrok.cli import main
+from moegrok.errors import MoegrokError
+from moegrok.olmoe_pipeline import order_checkpoints, run
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+WORDS = ("the a cat dog sat ran on mat rug big small red blue one two three four five plus equals is what "
+         "capital of paris rome france italy yes no").split()
+TEXTS = [
+    ("math", "one plus two equals three"), ("math", "two plus two equals four is what"),
+    ("math", "three plus one equals four"), ("math", "one plus one equals two the"),
+    ("facts", "the capital of france is paris"), ("facts", "the capital of italy is rome"),
+    ("facts", "the big red cat sat on the blue mat and the small dog ran on the rug"),
+    ("facts", "a dog sat"),
+]
+TESTS = [
+    {"id": "q1", "domain": "math", "question": "one plus three equals", "choices": [" four", " two", " five"],
+     "answer": 0},
+    {"id": "q2", "domain": "facts", "question": "the capital of france is", "choices": [" rome", " paris"],
+     "answer": 1},
+    {"id": "q3", "domain": "facts", "question": "what is the capital of italy", "choices": [" rome", " paris"],
+     "answer": 0},
+]
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(WORDS + ["and"])}}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def trajectory(tmp_path_factory):
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    root = tmp_path_factory.mktemp("olmoe")
+    tok = make_tokenizer()
+    dirs = []
+    for i, name in enumerate(["step300-tokens3B", "step100-tokens1B", "step200-tokens2B"]):
+        torch.manual_seed(i)
+        cfg = OlmoeConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=16, num_hidden_layers=3,
+                          num_attention_heads=4, num_experts=6, num_experts_per_tok=2, pad_token_id=0,
+                          eos_token_id=None, bos_token_id=None, max_position_embeddings=64)
+        model = OlmoeForCausalLM(cfg).eval()
+        with torch.no_grad():  # sharper routers than the default init, so the routing is not uniform
+            for layer in model.model.layers:
+                layer.mlp.gate.weight.mul_(40)
+        d = root / name
+        model.save_pretrained(d)
+        tok.save_pretrained(d)
+        dirs.append(d)
+    texts = root / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"id": i, "domain": d, "text": t}) + "\n" for i, (d, t) in enumerate(TEXTS)))
+    tests = root / "tests.jsonl"
+    tests.write_text("".join(json.dumps(t) + "\n" for t in TESTS))
+    return root, dirs, texts, tests
+
+
+def hf_reference(path: Path):
+    from transformers import OlmoeForCausalLM
+
+    tok = make_tokenizer()
+    model = OlmoeForCausalLM.from_pretrained(path).eval()
+    loss, probs = [], []
+    with torch.no_grad():
+        for _, text in TEXTS:
+            ids = torch.tensor([tok(text)["input_ids"]])
+            out = model(ids, output_router_logits=True)
+            lp = torch.log_softmax(out.logits[0, :-1].double(), -1)
+            loss.append(float(-lp.gather(1, ids[0, 1:, None]).mean()))
+            probs.append(np.stack([torch.softmax(r.double(), -1).mean(0).numpy() for r in out.router_logits]))
+        correct = {}
+        for t in TESTS:
+            scores = []
+            q = tok(t["question"])["input_ids"]
+            for c in t["choices"]:
+                full = tok(t["question"] + c)["input_ids"]
+                lp = torch.log_softmax(model(torch.tensor([full])).logits[0].double(), -1)
+                scores.append(sum(float(lp[j - 1, full[j]]) for j in range(len(q), len(full))))
+            correct.setdefault(t["domain"], []).append(int(np.argmax(scores) == t["answer"]))
+    return np.array(loss), np.stack(probs), correct
+
+
+def test_records_match_transformers(trajectory, tmp_path):
+    root, dirs, texts, tests = trajectory
+    out = tmp_path / "run"
+    assert main(["olmoe", "--checkpoints", *map(str, dirs), "--texts", str(texts), "--tests", str(tests),
+                 "--run-dir", str(out), "--batch-size", "3", "--no-progress"]) == 0
+    rd = RunDir(out)
+    assert rd.steps == [100, 200, 300] and rd.finished
+    for step in rd.steps:
+        rec = rd.probe(step)
+        loss, probs, correct = hf_reference(root / f"step{step}-tokens{step // 100}B")
+        np.testing.assert_allclose(rec.sample_loss, loss, atol=1e-4)
+        np.testing.assert_allclose(rec.route_probs, probs, atol=1e-4)
+        assert rec.route_probs.max() > 0.5  # routing is far from uniform: the comparison has teeth
+        ev = rd.eval(step)
+        for d, c in correct.items():
+            assert list(ev.correct[d].astype(int)) == c
+    assert rd.meta["num_layers"] == 3 and rd.meta["num_experts"] == 6
+    assert [r["text"] for r in rd.probes] == [t for _, t in TEXTS]
+    # analysis runs unchanged on the output
+    assert main(["analyze", str(out), "--no-progress", "--no-figures"]) == 0
+    assert (out / "analysis" / "report.md").exists()
+
+
+def test_resume_skips_done_checkpoints(trajectory, tmp_path, monkeypatch):
+    root, dirs, texts, _ = trajectory
+    out = tmp_path / "run"
+    run(dirs[1:2], texts, out, progress=False)  # step 100 only
+    first = (out / "records" / "step_000000100" / "probe.npz").stat().st_mtime_ns
+    loaded = []
+    import moegrok.convert.hf as hf
+
+    real = hf.load_olmoe
+    monkeypatch.setattr(hf, "load_olmoe", lambda p, **k: loaded.append(Path(p).name) or real(p, **k))
+    run(dirs, texts, out, progress=False)
+    assert sorted(loaded) == ["step200-tokens2B", "step300-tokens3B"]
+    assert (out / "records" / "step_000000100" / "probe.npz").stat().st_mtime_ns == first
+    assert RunDir(out).steps == [100, 200, 300]
+
+
+def test_correctness_from_elsewhere(trajectory, tmp_path):
+    root, dirs, texts, _ = trajectory
+    cdir = tmp_path / "correct"
+    cdir.mkdir()
+    for d in dirs:
+        (cdir / f"{d.name}.json").write_text(json.dumps({"math": {"ids": ["a", "b"], "correct": [1, 0]}}))
+    out = run(dirs, texts, tmp_path / "run", correctness_dir=cdir, progress=False)
+    ev = RunDir(out).eval(100)
+    assert ev.accuracy == {"math": 0.5}
+
+
+def test_errors(trajectory, tmp_path):
+    root, dirs, texts, _ = trajectory
+    with pytest.raises(MoegrokError, match="longer than max length 3"):
+        run(dirs[:1], texts, tmp_path / "a", max_len=3, progress=False)
+    run(dirs[:1], texts, tmp_path / "b", max_len=3, truncate=True, progress=False)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": 1, "domain": "x"}\n')
+    with pytest.raises(MoegrokError, match=r"bad.jsonl:1: missing field 'text'"):
+        run(dirs, bad, tmp_path / "c", progress=False)
+    with pytest.raises(MoegrokError, match="not a directory"):
+        run([tmp_path / "nope"], texts, tmp_path / "d", progress=False)
+    broken = tmp_path / "step5-tokens1B"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    assert main(["olmoe", "--checkpoints", str(broken), "--texts", str(texts), "--run-dir", str(tmp_path / "e"),
+                 "--no-progress"]) == 1
+
+
+def test_step_order_from_names(tmp_path):
+    a, b, c = (tmp_path / n for n in ("step20-tokens1B", "step3-tokens1B", "final"))
+    for p in (a, b, c):
+        p.mkdir()
+    assert [x.step for x in order_checkpoints([a, b])] == [3, 20]
+    assert [x.path for x in order_checkpoints([a, c])] == [a, c]  # not all named: the order given
+    assert [x.step for x in order_checkpoints([a, c])] == [1, 2]
