@@ -7,9 +7,9 @@ Two workloads (GitHub issue 4):
 
 Ours computes the full symmetric matrix from b=None (each unordered pair once). rapidfuzz gets two DISTINCT list
 objects (with the same object it would also compute each pair once; that figure is printed for reference).
-Both use every core (rapidfuzz workers=-1; ours a thread per core). Each timing is the best of --repeats runs after
-one warm-up call (ours compiles there; the cold time, compilation included, is printed too). Results are checked
-equal.
+Both use every core (rapidfuzz workers=-1; ours: XLA's threads over one tile per core). Each timing is the best of
+--repeats interleaved runs after one warm-up call (ours compiles there; the cold time, compilation included, is
+printed too). Results are checked equal.
 
     python benchmarks/bench_levenshtein.py [--repeats 3] [--quick]
 """
@@ -36,29 +36,28 @@ def olmoe_like_route_probs(n: int, seed: int = 0, layers: int = 16, experts: int
     return p / p.sum(-1, keepdims=True)
 
 
-def best_of(fn, repeats: int) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
-
-
 def compare(name: str, seqs: list, repeats: int) -> dict:
     q = list(seqs)
-    c = [s[:] if isinstance(s, list) else s for s in seqs]
-    c = list(c)
+    c = list(seqs)  # a distinct list object: rapidfuzz then computes every (q, c) pair
     assert q is not c
     t0 = time.perf_counter()
     ours = levenshtein_matrix(seqs)
     cold = time.perf_counter() - t0
-    t_ours, ours = best_of(lambda: levenshtein_matrix(seqs), repeats)
-    t_rf, ref = best_of(lambda: cdist(q, c, scorer=Levenshtein.distance, workers=-1, dtype=np.int32), repeats)
-    t_rf_same, _ = best_of(lambda: cdist(q, q, scorer=Levenshtein.distance, workers=-1, dtype=np.int32), 1)
+    t_ours = t_rf = float("inf")
+    for _ in range(repeats):  # interleaved, best of: both sides see the same machine load
+        t = time.perf_counter()
+        ours = levenshtein_matrix(seqs)
+        t_ours = min(t_ours, time.perf_counter() - t)
+        t = time.perf_counter()
+        ref = cdist(q, c, scorer=Levenshtein.distance, workers=-1, dtype=np.int32)
+        t_rf = min(t_rf, time.perf_counter() - t)
+    t = time.perf_counter()
+    cdist(q, q, scorer=Levenshtein.distance, workers=-1, dtype=np.int32)
+    t_rf_same = time.perf_counter() - t
     exact = bool(np.array_equal(ours, ref))
     lens = np.array([len(s) for s in seqs])
-    print(f"{name}: N={len(seqs)}, lengths {lens.min()}-{lens.max()} (mean {lens.mean():.0f})")
+    print(f"{name}: N={len(seqs)}, lengths {lens.min()}-{lens.max()} (mean {lens.mean():.0f}), "
+          f"load avg {os.getloadavg()[0]:.2f}")
     print(f"  ours (JAX, warm)              {t_ours:8.3f} s   (cold, incl. compile: {cold:.3f} s)")
     print(f"  rapidfuzz cdist(q, c)         {t_rf:8.3f} s   ratio rapidfuzz/ours = {t_rf / t_ours:.2f}")
     print(f"  rapidfuzz cdist(q, q) [ref]   {t_rf_same:8.3f} s   ratio = {t_rf_same / t_ours:.2f}")

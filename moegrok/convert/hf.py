@@ -221,15 +221,22 @@ class _Reader:
 
     def __init__(self, index: Mapping[str, st.TensorInfo], on_read: Callable[[], None] | None = None):
         self.index, self.on_read, self.files = index, on_read, {}
+        self._scratch: dict[tuple, np.ndarray] = {}
 
-    def __call__(self, key: str) -> np.ndarray:
+    def __call__(self, key: str, aligned: bool = False, scratch: bool = False) -> np.ndarray:
+        """scratch: read into a buffer reused for every tensor of the same shape and dtype (valid until the next
+        such read). Thousands of per-expert tensors then cost one allocation, not thousands of fresh, page-faulting
+        ones."""
         info = self.index[key]
         if info.file not in self.files:
             try:
                 self.files[info.file] = open(info.file, "rb")
             except OSError as e:
                 raise MoegrokError(f"{info.file}: cannot open ({e.strerror or e})") from None
-        out = st.read_tensor(info, self.files[info.file])
+        buf = None
+        if scratch:
+            buf = self._scratch.setdefault((info.shape, info.dtype), np.empty(info.shape, st.DTYPES[info.dtype]))
+        out = st.read_tensor(info, self.files[info.file], aligned=aligned, out=buf)
         if self.on_read:
             self.on_read()
         return out
@@ -237,6 +244,7 @@ class _Reader:
     def close(self):
         for f in self.files.values():
             f.close()
+        self._scratch.clear()
 
 
 def _set_path(tree: dict, path: tuple[str, ...], value) -> None:
@@ -245,30 +253,70 @@ def _set_path(tree: dict, path: tuple[str, ...], value) -> None:
     tree[path[-1]] = value
 
 
-def _build_params(cfg: MoeConfig, fused: frozenset[int], read: Callable[[str], np.ndarray], np_dtype,
+def _host_to_device(a: np.ndarray):
+    """On CPU, adopt the (64-byte aligned) host buffer instead of copying it: this is what keeps peak memory near
+    one copy of the weights. The caller must not write to `a` afterwards."""
+    import jax
+
+    return jax.device_put(a, may_alias=True)
+
+
+def _assign(dst: np.ndarray, src: np.ndarray, transposed: bool = False) -> None:
+    """dst[...] = src.T if transposed else src, for 2-D src. Same-dtype copies go through an unsigned-integer view
+    (bit-identical; numpy copies ml_dtypes' bfloat16 ~2x slower than uint16), and transposes go tile by
+    tile, which keeps both sides in cache (~4x faster than one strided copy)."""
+    if dst.dtype == src.dtype:
+        as_uint = np.dtype(f"u{dst.dtype.itemsize}")
+        dst, src = dst.view(as_uint), src.view(as_uint)
+    if not transposed:
+        dst[...] = src
+        return
+    rows, cols = 128, 1024  # a 128 x 1024 tile of a 2-byte dtype is 256 KiB: both sides stay in L2
+    for r in range(0, dst.shape[0], rows):
+        for c in range(0, dst.shape[1], cols):
+            dst[r:r + rows, c:c + cols] = src[c:c + cols, r:r + rows].T
+
+
+def _build_params(cfg: MoeConfig, fused: frozenset[int], read: _Reader, np_dtype,
                   put: Callable[[np.ndarray], Any]) -> dict:
-    """Our parameter pytree (string keys, as `get_params`), one parameter at a time through `put`."""
+    """Our parameter pytree (string keys, as `get_params`), one parameter at a time through `put`. Every array
+    handed to `put` is fresh, C-contiguous and 64-byte aligned; at most one staging buffer is alive at a time."""
     params: dict = {}
     for path, key, transposed in _simple_pairs(cfg):
-        a = read(key)
-        _set_path(params, path, put((a.T if transposed else a).astype(np_dtype)))
-        del a
+        if not transposed and read.index[key].dtype == st.CODES[np.dtype(np_dtype)]:
+            arr = read(key, aligned=True)  # already in our layout: the read buffer itself becomes the parameter
+        else:
+            a = read(key)
+            arr = st.aligned_empty(a.shape[::-1] if transposed else a.shape, np_dtype)
+            _assign(arr, a, transposed)
+            del a
+        _set_path(params, path, put(arr))
+        del arr
     D, I, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
     for i in range(cfg.num_hidden_layers):
-        gate_up = np.empty((E, D, 2 * I), np_dtype)
-        down = np.empty((E, I, D), np_dtype)
+        moe = ("layers", str(i), "moe")
+        gu_key, dn_key = fused_keys(i)
+        gate_up = st.aligned_empty((E, D, 2 * I), np_dtype)
         if i in fused:
-            gu_key, dn_key = fused_keys(i)
-            gate_up[...] = read(gu_key).transpose(0, 2, 1)
-            down[...] = read(dn_key).transpose(0, 2, 1)
+            fused_gu = read(gu_key)
+            for e in range(E):
+                _assign(gate_up[e], fused_gu[e], transposed=True)
+            del fused_gu
         else:
             for e in range(E):
-                gate_up[e, :, :I] = read(expert_key(i, e, "gate")).T
-                gate_up[e, :, I:] = read(expert_key(i, e, "up")).T
-                down[e] = read(expert_key(i, e, "down")).T
-        moe = ("layers", str(i), "moe")
+                _assign(gate_up[e, :, :I], read(expert_key(i, e, "gate"), scratch=True), transposed=True)
+                _assign(gate_up[e, :, I:], read(expert_key(i, e, "up"), scratch=True), transposed=True)
         _set_path(params, moe + ("gate_up",), put(gate_up))
-        del gate_up  # let the staging buffer go before the next one is allocated
+        del gate_up  # before the next staging buffer is allocated
+        down = st.aligned_empty((E, I, D), np_dtype)
+        if i in fused:
+            fused_dn = read(dn_key)
+            for e in range(E):
+                _assign(down[e], fused_dn[e], transposed=True)
+            del fused_dn
+        else:
+            for e in range(E):
+                _assign(down[e], read(expert_key(i, e, "down"), scratch=True), transposed=True)
         _set_path(params, moe + ("down",), put(down))
         del down
     return params
@@ -282,7 +330,6 @@ def load_olmoe(path: str | os.PathLike, dtype: str | None = None, moe_impl: str 
     `dtype`/`torch_dtype`, else the tensors'). Per-expert and fused expert layouts are both accepted.
     Raises MoegrokError naming the file and tensor for any defect, before reading tensor data where possible.
     """
-    import jax.numpy as jnp
     from flax import nnx
 
     from moegrok.model.model import MoeLM, set_params
@@ -306,7 +353,7 @@ def load_olmoe(path: str | os.PathLike, dtype: str | None = None, moe_impl: str 
         bar = tqdm(total=len(expected_hf_shapes(cfg, fused)), desc=f"loading {path.name}", unit="tensor")
     reader = _Reader(index, on_read=bar.update if bar else None)
     try:
-        params = _build_params(cfg, fused, reader, np_dtype, jnp.asarray)
+        params = _build_params(cfg, fused, reader, np_dtype, _host_to_device)
     finally:
         reader.close()
         if bar:
@@ -346,8 +393,15 @@ def _hf_specs(cfg: MoeConfig, params: Mapping, np_dtype) -> list[st.TensorSpec]:
             cache.update(path=path, array=np.asarray(node))
         return cache["array"]
 
-    def spec(key, shape, fn):
-        return st.TensorSpec(key, np_dtype, shape, lambda: np.ascontiguousarray(fn()).astype(np_dtype, copy=False))
+    scratch: dict[tuple, np.ndarray] = {}
+
+    def export(key, shape, source: Callable[[], np.ndarray], transposed: bool) -> st.TensorSpec:
+        # write_file consumes each tensor before producing the next, so one output buffer per shape suffices.
+        def produce():
+            out = scratch.setdefault(tuple(shape), np.empty(shape, np_dtype))
+            _assign(out, source(), transposed)
+            return out
+        return st.TensorSpec(key, np_dtype, shape, produce)
 
     shapes = expected_hf_shapes(cfg)
     by_key = {key: (path, t) for path, key, t in _simple_pairs(cfg)}
@@ -356,18 +410,18 @@ def _hf_specs(cfg: MoeConfig, params: Mapping, np_dtype) -> list[st.TensorSpec]:
     for key, shape in shapes.items():  # insertion order of expected_hf_shapes = HF's module order
         if key in by_key:
             path, t = by_key[key]
-            specs.append(spec(key, shape, lambda path=path, t=t: host(path).T if t else host(path)))
+            specs.append(export(key, shape, lambda path=path: host(path), t))
             continue
         m = re.fullmatch(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight", key)
         layer, e, proj = m.group(1), int(m.group(2)), m.group(3)
         moe = ("layers", layer, "moe")
         if proj == "gate":
-            fn = lambda moe=moe, e=e: host(moe + ("gate_up",))[e, :, :I].T  # noqa: E731
+            src = lambda moe=moe, e=e: host(moe + ("gate_up",))[e, :, :I]  # noqa: E731
         elif proj == "up":
-            fn = lambda moe=moe, e=e: host(moe + ("gate_up",))[e, :, I:].T  # noqa: E731
+            src = lambda moe=moe, e=e: host(moe + ("gate_up",))[e, :, I:]  # noqa: E731
         else:
-            fn = lambda moe=moe, e=e: host(moe + ("down",))[e].T  # noqa: E731
-        specs.append(spec(key, shape, fn))
+            src = lambda moe=moe, e=e: host(moe + ("down",))[e]  # noqa: E731
+        specs.append(export(key, shape, src, True))
     return _hf_order(specs)
 
 

@@ -40,7 +40,7 @@ class MoeConfig:
     # Not in OlmoeConfig: how we compute.
     dtype: str = "float32"  # activations / matmul dtype
     param_dtype: str = "float32"
-    moe_impl: str = "blocked"  # "dense" (all experts: the reference), "ragged" (sort + lax.ragged_dot) or
+    moe_impl: str = "ragged"  # "dense" (all experts: the reference), "ragged" (sort + lax.ragged_dot) or
     # "blocked" (sort + per-expert padded blocks + batched GEMM); all dropless and equal to each other
 
     def __post_init__(self):

@@ -70,7 +70,8 @@ def routing_kernel(g: Any, K: Any) -> np.ndarray:
     if asym > SYM_RTOL * scale * max(n, 1):
         raise TheoryError(f"expert kernels K are not symmetric: max |K_k - K_kᵀ| = {asym:.3g} (scale {scale:.3g})")
     with jax.enable_x64(True):
-        H = np.asarray(_routing_kernel_compiled()(jnp.asarray(g_NxE), jnp.asarray(K_ExNxN)))
+        g = jnp.asarray(g_NxE)
+        H = np.asarray(_routing_kernel_compiled()(g, g, jnp.asarray(K_ExNxN)))
     return 0.5 * (H + H.T)  # exact symmetry, so eigh and equality checks see the same matrix
 
 
@@ -85,20 +86,24 @@ def routing_cross_kernel(g_a: Any, g_b: Any, K_cross: Any) -> np.ndarray:
     if Kc.shape != (ga.shape[1], ga.shape[0], gb.shape[0]):
         raise TheoryError(f"cross kernels must have shape [E, m, n] = [{ga.shape[1]}, {ga.shape[0]}, "
                           f"{gb.shape[0]}], got {Kc.shape}")
-    return np.einsum("ik,jk,kij->ij", ga, gb, Kc, optimize=True)
-
-
-def _routing_kernel_impl(g_NxE, K_ExNxN):
     import jax
     import jax.numpy as jnp
 
-    # A scan over experts keeps the working set at one [n, n] matrix instead of an [E, n, n] temporary.
-    def step(H, gk_K):
-        gk_N, K_NxN = gk_K
-        return H + jnp.outer(gk_N, gk_N) * K_NxN, None
+    with jax.enable_x64(True):
+        return np.asarray(_routing_kernel_compiled()(jnp.asarray(ga), jnp.asarray(gb), jnp.asarray(Kc)))
 
-    H0 = jnp.zeros(K_ExNxN.shape[1:], K_ExNxN.dtype)
-    H, _ = jax.lax.scan(step, H0, (g_NxE.T, K_ExNxN))
+
+def _routing_kernel_impl(ga_MxE, gb_NxE, K_ExMxN):
+    import jax
+    import jax.numpy as jnp
+
+    # A scan over experts keeps the working set at one [m, n] matrix instead of an [E, m, n] temporary.
+    def step(H, k_slice):
+        ga_M, gb_N, K_MxN = k_slice
+        return H + jnp.outer(ga_M, gb_N) * K_MxN, None
+
+    H0 = jnp.zeros(K_ExMxN.shape[1:], K_ExMxN.dtype)
+    H, _ = jax.lax.scan(step, H0, (ga_MxE.T, gb_NxE.T, K_ExMxN))
     return H
 
 
@@ -168,6 +173,19 @@ def effective_dimension(H: Any, lam: float) -> float:
     lam = _check_lam(lam)
     s = _spectrum(H)
     return float(_safe_ratio(s.mu, s.mu + lam, at_zero=0.0).sum())
+
+
+def feature_effective_dimension(Phi: Any, lam: float) -> float:
+    """d_eff of ``H = Φ Φᵀ`` from features ``Φ [n, p]`` without forming H when p < n.
+
+    H and ``ΦᵀΦ`` share their non-zero eigenvalues, so the smaller Gram matrix gives the same d_eff; for a routing
+    Gram ``G Gᵀ`` over thousands of samples this is an [E, E] problem instead of an [n, n] one.
+    """
+    P = _as_f64(Phi, "features Φ")
+    if P.ndim != 2 or P.shape[0] == 0:
+        raise TheoryError(f"features Φ must be [n, p] with n >= 1, got shape {P.shape}")
+    gram = P.T @ P if P.shape[1] < P.shape[0] else P @ P.T
+    return effective_dimension(gram, lam)
 
 
 def _check_y(y: Any, n: int, name: str = "y") -> np.ndarray:

@@ -29,6 +29,14 @@ def _jacobian_fn(apply_fn: Callable):
     return jax.jit(jax.vmap(flat_grad, in_axes=(None, 0)))
 
 
+@functools.cache
+def _gram_fn():
+    import jax
+
+    # In XLA rather than NumPy: NumPy's OpenBLAS threads contend with JAX's on a small shared CPU (see _blas).
+    return jax.jit(lambda A, B: A @ B.T)
+
+
 def _chunks(n: int, size: int) -> list[tuple[int, int]]:
     return [(a, min(a + size, n)) for a in range(0, n, size)]
 
@@ -62,13 +70,14 @@ def empirical_ntk(apply_fn: Callable[[Any, Any], Any], params: Any, x_NxD: Any, 
             # Pad to a fixed chunk shape so the jitted Jacobian compiles once.
             xs = np.zeros((size,) + a.shape[1:], np.float64)
             xs[: hi - lo] = a[lo:hi]
-            return np.asarray(jac(params64, jnp.asarray(xs)))[: hi - lo]
+            return jac(params64, jnp.asarray(xs))[: hi - lo]
 
         rows, cols = _chunks(x.shape[0], size), _chunks(x2.shape[0], size)
         cache_ok = (x.shape[0] + x2.shape[0]) * num_params * 8 <= max_jacobian_bytes
-        cache: dict[tuple[int, int, int], np.ndarray] = {}
+        cache: dict[tuple[int, int, int], Any] = {}
+        gram = _gram_fn()
 
-        def get(which: int, a: np.ndarray, lo: int, hi: int) -> np.ndarray:
+        def get(which: int, a: np.ndarray, lo: int, hi: int):
             key = (which, lo, hi)
             if key in cache:
                 return cache[key]
@@ -85,7 +94,7 @@ def empirical_ntk(apply_fn: Callable[[Any, Any], Any], params: Any, x_NxD: Any, 
                 if sym and lo2 < lo:
                     continue  # lower blocks are the transposes of upper ones
                 J_b = J_a if (sym and lo2 == lo) else get(0 if sym else 1, x2, lo2, hi2)
-                K[lo:hi, lo2:hi2] = J_a @ J_b.T
+                K[lo:hi, lo2:hi2] = np.asarray(gram(J_a, J_b))
                 if sym:
                     K[lo2:hi2, lo:hi] = K[lo:hi, lo2:hi2].T
     return K

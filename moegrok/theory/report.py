@@ -15,6 +15,11 @@ NA = "n/a"
 MIN_CORR_N = 3
 
 
+def _constant(v: np.ndarray) -> bool:
+    # Round-off differences (a d_eff recomputed from identical routing) are not variation to correlate.
+    return bool(np.ptp(v) <= 1e-12 * max(1.0, float(np.abs(v).max())))
+
+
 def correlation(x: Sequence[float], y: Sequence[float]) -> dict[str, Any]:
     """Pearson and Spearman with p-values and n; "n/a" plus a note when too few points or a constant series."""
     xa, ya = np.asarray(x, np.float64), np.asarray(y, np.float64)
@@ -26,7 +31,7 @@ def correlation(x: Sequence[float], y: Sequence[float]) -> dict[str, Any]:
     if n < MIN_CORR_N:
         out["note"] = f"n/a: {n} points, need >= {MIN_CORR_N}"
         return out
-    if np.ptp(xa) == 0 or np.ptp(ya) == 0:
+    if _constant(xa) or _constant(ya):
         out["note"] = "n/a: a series is constant"
         return out
     pr = scipy.stats.pearsonr(xa, ya)

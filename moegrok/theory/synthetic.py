@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from moegrok.analysis import pathways
+from moegrok.theory._blas import single_threaded_blas
 from moegrok.theory.kernel import (TheoryError, complexity_bound, effective_dimension, kernel_ridge_fit,
                                    kernel_spectrum, relative_lambda, routing_cross_kernel, routing_kernel)
 from moegrok.theory.ntk import ReluExperts, init_relu_experts, moe_apply, relu_expert_kernels
@@ -359,6 +360,11 @@ def _progress(it: Iterable, total: int, desc: str, enabled: bool) -> Iterable:
 
 def run_synthetic(cfg: SyntheticConfig, progress: bool = False) -> SyntheticResult:
     cfg.validate()
+    with single_threaded_blas():
+        return _run_synthetic(cfg, progress)
+
+
+def _run_synthetic(cfg: SyntheticConfig, progress: bool) -> SyntheticResult:
     sweep: list[dict[str, Any]] = []
     for seed in _progress(range(cfg.seeds), cfg.seeds, "theory sweep (seeds)", progress):
         sweep.extend(sweep_seed(cfg, seed))

@@ -14,6 +14,8 @@ def register(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--log-sample-ids", action="store_true",
                    help="append each step's training-sample ids to RUN_DIR/sample_ids.jsonl (audits one epoch)")
+    p.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() first (multi-host; see README 'Scaling out')")
     p.set_defaults(func=run)
 
 
@@ -21,6 +23,10 @@ def run(args: argparse.Namespace) -> int:
     from moegrok.training.config import load_config_file
     from moegrok.training.train import RunConfig, train
 
+    if args.distributed:
+        import jax
+
+        jax.distributed.initialize()
     cfg = RunConfig.from_dict(load_config_file(args.config, args.overrides))
     train(cfg, args.run_dir, progress=not args.no_progress, log_sample_ids=args.log_sample_ids)
     print(f"run directory: {args.run_dir}")

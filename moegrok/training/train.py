@@ -91,7 +91,9 @@ def shard_state(state, mesh):
 def shard_batch(x: np.ndarray, mesh):
     if mesh is None:
         return jnp.asarray(x)
-    return jax.device_put(x, NamedSharding(mesh, P("data")))
+    # Every process builds the same global batch (a pure function of the step) and hands over its own shards,
+    # which also works when the mesh spans several hosts.
+    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, P("data")), lambda idx: x[idx])
 
 
 # ----------------------------------------------------------------------------------------------- the step

@@ -1,0 +1,252 @@
+"""MoeLM against Hugging Face `OlmoeForCausalLM` (transformers + torch as the independent reference) on several
+tiny random configs, loaded through `load_olmoe`; dense vs ragged experts against each other and against a NumPy
+brute force, in outputs and gradients, including experts that receive no tokens."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moegrok.convert.hf import load_olmoe
+from moegrok.model.config import MoeConfig
+from moegrok.model.grouped import experts_tiled
+from moegrok.model.model import MoeLM, get_params, lm_loss, set_params, token_nll
+from moegrok.model.moe import experts_blocked, experts_dense, experts_ragged, experts_ragged_dot, route
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+# name -> OlmoeConfig fields. Together: top-1 .. top-E, norm_topk_prob both ways, clip_qkv set (small enough to
+# bite) and unset, several rope_theta, MHA / GQA / MQA, tied and untied embeddings.
+CONFIGS = {
+    "gqa_top2": dict(num_experts=6, num_experts_per_tok=2, norm_topk_prob=False, clip_qkv=None,
+                     rope_theta=500.0, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
+    "top1_clip_tied": dict(num_experts=4, num_experts_per_tok=1, norm_topk_prob=True, clip_qkv=0.6,
+                           rope_theta=10000.0, num_attention_heads=2, num_key_value_heads=2,
+                           tie_word_embeddings=True),
+    "mqa_top3_norm": dict(num_experts=8, num_experts_per_tok=3, norm_topk_prob=True, clip_qkv=None,
+                          rope_theta=1e6, num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True),
+    "all_experts_clip": dict(num_experts=3, num_experts_per_tok=3, norm_topk_prob=False, clip_qkv=0.8,
+                             rope_theta=50.0, num_attention_heads=2, num_key_value_heads=1,
+                             tie_word_embeddings=False),
+}
+V, D, I, L, B, T = 61, 32, 20, 2, 3, 11
+
+
+def hf_model(fields: dict, seed: int = 0):
+    """A random HF OLMoE with every weight (norm scales included) away from its init, so that a mixed-up
+    mapping cannot pass."""
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    fields = dict(fields)
+    theta = fields.pop("rope_theta")
+    cfg = OlmoeConfig(vocab_size=V, hidden_size=D, intermediate_size=I, num_hidden_layers=L, pad_token_id=0,
+                      eos_token_id=None, rope_parameters={"rope_type": "default", "rope_theta": theta}, **fields)
+    torch.manual_seed(seed)
+    model = OlmoeForCausalLM(cfg).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if "gate.weight" in name else 0.15))
+    return model
+
+
+def batch(seed=0):
+    rng = np.random.RandomState(seed)
+    ids = rng.randint(1, V, size=(B, T))
+    mask = np.ones((B, T), bool)
+    mask[1, 7:] = False  # right padding
+    mask[2, 4:] = False
+    ids[~mask] = 0
+    return ids, mask
+
+
+def forward(model, ids, mask):
+    """Our model under one jit (eager dispatch compiles every op separately: slower for a single call)."""
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    return jax.jit(lambda s, i, m: nnx.merge(graphdef, s)(i, m))(state, jnp.asarray(ids), jnp.asarray(mask))
+
+
+def hf_forward(model, ids, mask):
+    with torch.no_grad():
+        labels = torch.tensor(np.where(mask, ids, -100))
+        return model(torch.tensor(ids), attention_mask=torch.tensor(mask.astype(np.int64)), labels=labels,
+                     output_router_logits=True)
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def pair(request, tmp_path_factory):
+    hf = hf_model(CONFIGS[request.param])
+    path = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(path)
+    return request.param, hf, path
+
+
+def test_parity_with_transformers(pair):
+    name, hf, path = pair
+    ids, mask = batch()
+    out = hf_forward(hf, ids, mask)
+    ours = load_olmoe(path, dtype="float32")
+    assert ours.cfg.num_experts_per_tok == CONFIGS[name]["num_experts_per_tok"]
+    o = forward(ours, ids, mask)
+
+    lg = out.logits.numpy()
+    assert np.abs(np.asarray(o.logits)[mask] - lg[mask]).max() <= 1e-4
+
+    E, k = hf.config.num_experts, hf.config.num_experts_per_tok
+    rl_hf = np.stack([r.numpy().reshape(B, T, E) for r in out.router_logits])[:, mask]  # [L, n, E] pre-softmax
+    rl = np.asarray(o.router_logits)[:, mask]
+    p_hf = torch.softmax(torch.tensor(rl_hf), -1).numpy()
+    p = np.asarray(jax.nn.softmax(rl, -1))
+    assert np.abs(p - p_hf).max() <= 1e-5
+    ids_hf = np.sort(np.argsort(-p_hf, axis=-1, kind="stable")[..., :k], -1)
+    ids_ours = np.sort(np.asarray(jax.lax.top_k(jnp.asarray(p), k)[1]), -1)
+    np.testing.assert_array_equal(ids_ours, ids_hf)
+
+    # Per-token NLL against torch's cross entropy on HF's own logits.
+    nll_hf = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, V), torch.tensor(ids[:, 1:]).reshape(-1),
+                                               reduction="none").numpy().reshape(B, T - 1)
+    nll, valid = token_nll(o.logits, jnp.asarray(ids), jnp.asarray(mask))
+    valid = np.asarray(valid)
+    assert valid.sum() == (mask[:, 1:] & mask[:, :-1]).sum()
+    assert np.abs(np.asarray(nll)[valid] - nll_hf[valid]).max() <= 1e-5
+    assert abs(float(o.aux_loss) - float(out.aux_loss)) <= 1e-5
+    total = float(lm_loss(o.logits, jnp.asarray(ids), jnp.asarray(mask))) + hf.config.router_aux_loss_coef * float(
+        o.aux_loss)
+    assert abs(total - float(out.loss)) <= 1e-5
+
+
+def test_clip_qkv_actually_clips():
+    """The clip configs must exercise clipping: the same weights without clipping give different logits."""
+    fields = CONFIGS["top1_clip_tied"]
+    ids, mask = batch()
+    clipped = hf_forward(hf_model(fields), ids, mask).logits
+    unclipped = hf_forward(hf_model({**fields, "clip_qkv": None}), ids, mask).logits
+    assert (clipped - unclipped).abs().max() > 1e-2
+
+
+def test_bf16_forward_close_to_fp32(tmp_path):
+    hf = hf_model(CONFIGS["gqa_top2"])
+    hf.save_pretrained(tmp_path)
+    ids, mask = batch(1)
+    lg = hf_forward(hf, ids, mask).logits.numpy()[mask]
+    ours = load_olmoe(tmp_path, dtype="bfloat16")
+    assert ours.embed[...].dtype == jnp.bfloat16
+    o = np.asarray(forward(ours, ids, mask).logits)[mask]
+    assert np.isfinite(o).all()
+    assert np.linalg.norm(o - lg) / np.linalg.norm(lg) < 0.05
+    assert (o.argmax(-1) == lg.argmax(-1)).mean() >= 0.8
+
+
+# ------------------------------------------------------------------------------------------ dense vs ragged
+def swiglu_brute_force(x, gate_up, down, topw, topi):
+    """NumPy, one (token, slot) at a time."""
+    I = down.shape[1]
+    out = np.zeros_like(x)
+    for n in range(x.shape[0]):
+        for w, e in zip(topw[n], topi[n]):
+            h = x[n] @ gate_up[e]
+            g, u = h[:I], h[I:]
+            out[n] += w * ((g / (1 + np.exp(-g))) * u) @ down[e]
+    return out
+
+
+def expert_inputs(N=40, Dm=12, Im=10, E=7, seed=0):
+    rng = np.random.RandomState(seed)
+    return (rng.randn(N, Dm).astype(np.float32), (rng.randn(E, Dm, 2 * Im) * 0.3).astype(np.float32),
+            (rng.randn(E, Im, Dm) * 0.3).astype(np.float32), (rng.randn(Dm, E)).astype(np.float32))
+
+
+ROUTINGS = {  # which experts the router may pick (the rest get no tokens)
+    "all": None, "starve_three": [0, 2, 5, 6], "one_expert_only": [4],
+}
+
+
+@pytest.mark.parametrize("k,routing,tile", [
+    (2, "all", None), (1, "all", 1), (4, "starve_three", 3), (2, "starve_three", None), (1, "one_expert_only", 3),
+    (7, "all", 2),  # k = E: every expert sees every token
+])
+def test_tiled_experts_match_brute_force(k, routing, tile):
+    x, gu, dn, r = expert_inputs()
+    E = gu.shape[0]
+    allowed = ROUTINGS[routing]
+    bias = np.zeros(E, np.float32) if allowed is None else np.where(np.isin(np.arange(E), allowed), 0, -1e4)
+    _, topw, topi = route(jnp.asarray(x @ r + bias), k, False)
+    want = swiglu_brute_force(x, gu, dn, np.asarray(topw), np.asarray(topi))
+    got = jax.jit(experts_tiled, static_argnames="tile")(*map(jnp.asarray, (x, gu, dn)), topw, topi, tile=tile)
+    assert np.abs(np.asarray(got) - want).max() <= 1e-5
+
+
+def moe_fn(impl, bias, k, norm):
+    def f(x, gu, dn, r):
+        _, topw, topi = route(x @ r + bias, k, norm)
+        return impl(x, gu, dn, topw, topi)
+    return f
+
+
+OTHER_IMPLS = {"ragged": experts_ragged, "ragged_dot": experts_ragged_dot, "blocked": experts_blocked}
+
+
+@pytest.mark.parametrize("impl", list(OTHER_IMPLS.values()), ids=list(OTHER_IMPLS))
+@pytest.mark.parametrize("routing", ["all", "starve_three"])
+def test_ragged_matches_dense_outputs_and_gradients(impl, routing):
+    x, gu, dn, r = map(jnp.asarray, expert_inputs(N=64, seed=1))
+    E, k = gu.shape[0], 2
+    allowed = ROUTINGS[routing]
+    bias = jnp.zeros(E) if allowed is None else jnp.where(jnp.isin(jnp.arange(E), jnp.asarray(allowed)), 0., -1e4)
+    _, _, topi = route(x @ r + bias, k, False)
+    counts = np.bincount(np.asarray(topi).ravel(), minlength=E)
+    if allowed is not None:
+        assert (counts[[1, 3, 4]] == 0).all()  # really starved
+    cot = jnp.asarray(np.random.RandomState(2).randn(*x.shape).astype(np.float32))
+    outs, grads = {}, {}
+    for name, fn in (("dense", experts_dense), ("other", impl)):
+        f = moe_fn(fn, bias, k, True)
+        outs[name] = jax.jit(f)(x, gu, dn, r)
+        grads[name] = jax.jit(jax.grad(lambda *a, f=f: jnp.sum(f(*a) * cot), argnums=(0, 1, 2, 3)))(x, gu, dn, r)
+    assert np.abs(np.asarray(outs["dense"]) - np.asarray(outs["other"])).max() <= 1e-5
+    for gd, go in zip(grads["dense"], grads["other"]):
+        assert np.abs(np.asarray(gd) - np.asarray(go)).max() <= 1e-5
+    if allowed is not None:  # no tokens, no gradient
+        for g in grads["other"][1:3]:
+            assert np.abs(np.asarray(g)[[1, 3, 4]]).max() == 0.0
+
+
+def test_model_dense_and_ragged_agree_with_gradients():
+    cfg = MoeConfig(vocab_size=50, hidden_size=24, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                    num_experts=6, num_experts_per_tok=2, eos_token_id=None, initializer_range=0.2)
+    model = MoeLM(cfg, seed=0)
+    # Layer 0's router strongly prefers experts 0-2, so some experts get few or no tokens (guaranteed empties are
+    # covered at the block level above).
+    params = get_params(model)
+    params["layers"]["0"]["moe"]["router"] = params["layers"]["0"]["moe"]["router"].at[:, 3:].multiply(0.1)
+    set_params(model, params)
+    ids, mask = batch(3)
+    ids = jnp.asarray(ids % cfg.vocab_size)
+    mask = jnp.asarray(mask)
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+
+    def loss(state, impl):
+        o = nnx.merge(graphdef, state)(ids, mask, moe_impl=impl)
+        return lm_loss(o.logits, ids, mask) + 0.01 * o.aux_loss + 0.001 * o.z_loss, o.logits
+
+    res = {impl: jax.jit(jax.value_and_grad(functools.partial(loss, impl=impl), has_aux=True))(state)
+           for impl in ("dense", "ragged")}
+    (ld, lgd), gd = res["dense"]
+    (lr, lgr), gr = res["ragged"]
+    assert abs(float(ld) - float(lr)) <= 1e-5
+    assert np.abs(np.asarray(lgd) - np.asarray(lgr)).max() <= 1e-5
+    for a, b in zip(jax.tree.leaves(gd), jax.tree.leaves(gr)):
+        assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5
