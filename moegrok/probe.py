@@ -13,8 +13,12 @@ from moegrok.model.model import MoeLM, sample_nll, token_nll
 
 
 @nnx.jit
-def _probe_batch(model: MoeLM, tokens_BxT, mask_BxT):
+def _probe_batch(model: MoeLM, tokens_BxT, mask_BxT, answer_BxT):
     out = model(tokens_BxT, mask_BxT)
+    nll, valid = token_nll(out.logits, tokens_BxT, mask_BxT)
+    ans = (valid & answer_BxT[:, 1:]).astype(jnp.float32)  # position t scores token t+1
+    n_ans = ans.sum(1)
+    answer_loss = jnp.where(n_ans > 0, jnp.sum(nll * ans, axis=1) / jnp.maximum(n_ans, 1.0), jnp.nan)
     k = model.cfg.num_experts_per_tok
     probs_LxBxTxE = jax.nn.softmax(out.router_logits, axis=-1)
     m = mask_BxT.astype(jnp.float32)
@@ -22,6 +26,7 @@ def _probe_batch(model: MoeLM, tokens_BxT, mask_BxT):
     topw, topi = jax.lax.top_k(probs_LxBxTxE, k)  # the routing decision itself, before any renormalisation
     return {
         "sample_loss": sample_nll(out.logits, tokens_BxT, mask_BxT),
+        "answer_loss": answer_loss,
         "route_probs": route_probs_BxLxE,
         "topk_ids": jnp.transpose(topi, (1, 2, 0, 3)).astype(jnp.int32),  # [B, T, L, k]
         "topk_weights": jnp.transpose(topw, (1, 2, 0, 3)),
@@ -42,24 +47,33 @@ def _pad_rows(a: np.ndarray, rows: int) -> np.ndarray:
 
 
 def probe_record(model: MoeLM, tokens_NxT: np.ndarray, mask_NxT: np.ndarray, sample_ids: Sequence[int],
-                 domains: Sequence[str], batch_size: int = 64, progress=None) -> dict[str, np.ndarray]:
+                 domains: Sequence[str], batch_size: int = 64, progress=None,
+                 answer_mask_NxT: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Per-sample mean NLL, token-mean full router softmax per layer, per-token top-k routing, router weights.
 
-    Returns a dict with exactly the fields of `moegrok.rundir.PROBE_FIELDS`.
+    With ``answer_mask_NxT`` (True on the tokens a document's rules determine, e.g. the ``c`` of ``a + b = c``)
+    the record also holds ``answer_loss``: the mean NLL over those tokens only, NaN for a sample without any.
+    Returns a dict with the fields of `moegrok.rundir.PROBE_FIELDS` (plus ``answer_loss`` when asked).
     """
     tokens_NxT = np.asarray(tokens_NxT, np.int32)
     mask_NxT = np.asarray(mask_NxT, bool)
+    with_answer = answer_mask_NxT is not None
+    answer_NxT = np.asarray(answer_mask_NxT, bool) if with_answer else np.zeros(mask_NxT.shape, bool)
+    if answer_NxT.shape != mask_NxT.shape:
+        raise ValueError(f"probe_record: answer_mask shape {answer_NxT.shape} != mask shape {mask_NxT.shape}")
     n = tokens_NxT.shape[0]
     bs = min(batch_size, max(n, 1))
     parts: dict[str, list] = {}
     for sl in _batches(n, bs):
         rows = sl.stop - sl.start
-        out = _probe_batch(model, jnp.asarray(_pad_rows(tokens_NxT[sl], bs)), jnp.asarray(_pad_rows(mask_NxT[sl], bs)))
+        out = _probe_batch(model, *(jnp.asarray(_pad_rows(a[sl], bs)) for a in (tokens_NxT, mask_NxT, answer_NxT)))
         for key, v in out.items():
             parts.setdefault(key, []).append(np.asarray(v)[:rows])
         if progress is not None:
             progress.update(rows)
     rec = {k: np.concatenate(v) for k, v in parts.items()}
+    if not with_answer:
+        del rec["answer_loss"]
     rec["topk_ids"] = np.where(mask_NxT[:, :, None, None], rec["topk_ids"], 0).astype(np.int32)
     rec["topk_weights"] = np.where(mask_NxT[:, :, None, None], rec["topk_weights"], 0.0).astype(np.float32)
     rec.update(

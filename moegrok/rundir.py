@@ -49,6 +49,10 @@ PROBE_FIELDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "token_mask": ("b", ("N", "T")),  # True on real (non-padding) tokens
     "tokens": ("i", ("N", "T")),
 }
+# Written when the probe set marks answer tokens (the synthetic corpora do; free text does not).
+OPTIONAL_PROBE_FIELDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "answer_loss": ("f", ("N",)),  # mean next-token NLL over the sample's answer tokens, NaN if it has none
+}
 
 
 class RunDirError(MoegrokError, ValueError):
@@ -67,6 +71,7 @@ class ProbeRecord:
     topk_weights: np.ndarray
     token_mask: np.ndarray
     tokens: np.ndarray
+    answer_loss: np.ndarray | None = None
 
     @property
     def num_layers(self) -> int:
@@ -90,7 +95,9 @@ def validate_probe_arrays(arrays: Mapping[str, Any], where: str) -> dict[str, np
     """Check names, dtypes and mutually consistent shapes; returns NumPy arrays. `where` names the source in errors."""
     out: dict[str, np.ndarray] = {}
     sizes: dict[str, int] = {}
-    for name, (kind, dims) in PROBE_FIELDS.items():
+    for name, (kind, dims) in {**PROBE_FIELDS, **OPTIONAL_PROBE_FIELDS}.items():
+        if name not in arrays and name in OPTIONAL_PROBE_FIELDS:
+            continue
         if name not in arrays:
             raise RunDirError(f"{where}: missing probe field '{name}' (expected shape [{', '.join(dims)}])")
         a = np.asarray(arrays[name])

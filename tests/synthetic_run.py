@@ -30,6 +30,9 @@ class SynthSpec:
     singleton_group: bool = False  # make exactly one math sample memorized at checkpoint 1 (a group of one)
     constant_val_loss: bool = False
     generalizes: bool = True  # False: a control run whose test accuracy stays at chance
+    # Also write `answer_loss` (the memorization story above) and make `sample_loss` that plus a slow drift, as
+    # for synthetic documents whose random operand tokens keep the whole-sample loss from ever settling.
+    answer_loss: bool = False
 
 
 def _softmax(x, axis=-1):
@@ -107,6 +110,9 @@ def make_run(path: str | Path, spec: SynthSpec = SynthSpec()) -> Path:
             "topk_weights": np.take_along_axis(tok_p, order, -1).astype(np.float32),
             "token_mask": mask, "tokens": tokens.astype(np.int32),
         }
+        if spec.answer_loss:
+            probe["answer_loss"] = probe["sample_loss"]
+            probe["sample_loss"] = (loss + 1.3 + 0.2 * (T - c)).astype(np.float32)
         test = {}
         for di, dname in enumerate(spec.domains):
             g = gen_at[di * m:(di + 1) * m]

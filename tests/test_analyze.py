@@ -85,6 +85,60 @@ def test_memorization_and_consistency_match_independent_recomputation(full_run):
     assert float(row["loss_mean"]) == pytest.approx(loss[-1, mem].mean(), rel=1e-5)
 
 
+def test_memorization_on_answer_loss(tmp_path, capsys):
+    """`--memorization-loss answer` finds memorization on the answer-token loss that the drifting whole-sample loss
+    hides; a run without that field is refused with the file and field named."""
+    run = make_run(tmp_path / "ans", SynthSpec(answer_loss=True))
+    _, probes, _ = load_records(run)
+    ans = np.stack([p["answer_loss"] for p in probes]).astype(np.float64)
+    analyze(run, "--out", str(tmp_path / "a_sample"))
+    samp = tmp_path / "a_sample"
+    assert all(r["t_star_step"] == "never" for r in read_csv(samp / "samples.csv"))  # whole-sample loss drifts
+    analyze(run, "--memorization-loss", "answer", "--out", str(tmp_path / "a_answer"))
+    out = tmp_path / "a_answer"
+    summary = json.loads((out / "summary.json").read_text())
+    dom = probes[0]["domains"]
+    samples = {int(r["sample_id"]): r for r in read_csv(out / "samples.csv")}
+    steps = [p for p in summary["steps"]]
+    found = 0
+    for d in ("math", "knowledge"):
+        eps = summary["domains"][d]["epsilon"]
+        for i in np.flatnonzero(dom == d):
+            l = ans[:, i]
+            t = next((t for t in range(len(steps) - 1)
+                      if all(l[u] <= eps and abs(l[u] - l[-1]) <= 0.05 for u in range(t, len(steps)))), None)
+            assert samples[i]["t_star_step"] == ("never" if t is None else str(steps[t]))
+            found += t is not None
+    assert found > 0
+    assert "answer tokens" in (out / "report.md").read_text()
+    plain = make_run(tmp_path / "plain")
+    assert main(["analyze", str(plain), "--memorization-loss", "answer", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "probe.npz" in err and "answer_loss" in err
+
+
+def test_in_run_twin_control_columns(tmp_path, capsys):
+    """A `<d>_twin` domain is <d>'s control by default: its series against <d>'s accuracy, as NumPy computes it."""
+    import scipy.stats
+
+    run = make_run(tmp_path / "twin", SynthSpec(domains=("math", "math_twin")))
+    out = analyze(run)
+    rows = read_csv(out / "correlations.csv")
+    metric = "training loss (domain)"
+    _, probes, evals = load_records(run)
+    dom = probes[0]["domains"]
+    twin_loss = np.array([p["sample_loss"][dom == "math_twin"].mean() for p in probes])
+    acc = np.array([e["test"]["math"]["accuracy"] for e in evals])
+    row = next(r for r in rows if (r["domain"], r["window"], r["metric"], r["kind"]) == ("math", "all", metric, "raw"))
+    assert float(row["control_pearson_r"]) == pytest.approx(scipy.stats.pearsonr(twin_loss, acc)[0], abs=1e-6)
+    assert all(r["control_n"] == "" for r in rows if r["domain"] == "math_twin")
+    assert "in-run control domain (math_twin for math)" in (out / "correlations.md").read_text()
+    analyze(run, "--control-domain", "none", "--out", str(tmp_path / "off"))
+    assert all(r["control_n"] == "" for r in read_csv(tmp_path / "off" / "correlations.csv"))
+    assert main(["analyze", str(run), "--control-domain", "math=code_twin", "--no-progress"]) == 1
+    assert "control domain 'code_twin' is not in this run" in capsys.readouterr().err
+
+
 def test_pathway_columns_match_rapidfuzz(full_run):
     from rapidfuzz.distance import Levenshtein
 

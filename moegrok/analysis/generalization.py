@@ -21,12 +21,16 @@ MAX_ERRORS = 1
 
 
 def generalized_since(correct_TxM: np.ndarray, min_mean: float = MIN_MEAN_ACCURACY, max_errors: int = MAX_ERRORS,
-                      require_correct_at_start: bool = True) -> np.ndarray:
+                      require_correct_at_start: bool = True, before_last: bool = True) -> np.ndarray:
     """t# per test item: the earliest checkpoint index t such that over checkpoints t..T-1 the item's mean accuracy
     is > `min_mean` and it has at most `max_errors` errors; -1 if there is none.
 
     **Decision** (`require_correct_at_start`): the item must also be correct *at* t#, so the one tolerated error
     lies after it; the literal rule would date an item "generalized since" a checkpoint where it was wrong.
+
+    **Decision** (`before_last`, as for memorization in SPEC §2): t# must come before the last checkpoint. "Stays
+    correct" over the last checkpoint alone is vacuous; measured on a rule-free twin, items right by chance at the end
+    otherwise form Test@T groups and fake grokking lags.
     """
     c = np.asarray(correct_TxM, dtype=bool)
     if c.ndim != 2:
@@ -39,6 +43,8 @@ def generalized_since(correct_TxM: np.ndarray, min_mean: float = MIN_MEAN_ACCURA
     ok = (errors_TxM <= max_errors) & ((remaining_T1 - errors_TxM) / remaining_T1 > min_mean)
     if require_correct_at_start:
         ok &= c
+    if before_last:
+        ok[-1] = False
     return np.where(ok.any(axis=0), np.argmax(ok, axis=0), -1).astype(np.int64)
 
 

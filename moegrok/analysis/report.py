@@ -20,7 +20,7 @@ import numpy as np
 from moegrok.analysis import correlations as corr_mod
 from moegrok.analysis.figures import write_figures
 from moegrok.analysis.run_metrics import (METRICS, NAN, PATHWAY_FIELDS, Analysis, AnalysisConfig, RunData, cell_text,
-                                          compute_analysis)
+                                          compute_analysis, in_run_controls)
 
 
 def analyze(run_dir: str | os.PathLike, cfg: AnalysisConfig = AnalysisConfig(),
@@ -133,6 +133,12 @@ def correlation_markdown(a: Analysis, control_dir=None) -> str:
              f"p two-sided, 'adj' = {method}-adjusted within each table (Pearson and Spearman separately), n = "
              "checkpoints used. Metrics are over the samples memorized before the last checkpoint unless named "
              "otherwise."]
+    if control_dir is None and any(r.control is not None for r in a.correlations):
+        pairs = in_run_controls(a.data.domains, a.config.control_domains)
+        parts.append("⚠ same in control: the in-run control domain (" + ", ".join(
+            f"{c} for {d}" for d, c in pairs.items()) + "), a rule-free twin that memorizes without generalizing, "
+            "correlates with the domain's accuracy with the same sign, at least half the strength and |r| >= 0.3 "
+            "(Pearson): the metric tracks training time.")
     if control_dir is not None:
         parts.append(f"⚠ same in control: the control run ({control_dir}) correlates with this run's accuracy with "
                      "the same sign, at least half the strength and |r| >= 0.3 (Pearson): the metric tracks training "
@@ -176,7 +182,9 @@ def report_markdown(a: Analysis, figs: Mapping[str, tuple[Path, str, str]], cont
     out.append(f"Run {status}; {len(d.steps)} checkpoints (steps {d.steps[0]}–{d.steps[-1]}); {d.num_layers} MoE "
                f"layer(s) × {d.num_experts} experts; domains: {', '.join(d.domains)}.")
     eps = f"fixed at {c.epsilon}" if c.epsilon is not None else "searched per domain (SPEC §2)"
-    out.append(f"Settings: τ = {c.tau}, δ = {c.delta}, ε {eps}, "
+    which = ("mean NLL over the whole sample (SPEC §2)" if c.memorization_loss == "sample" else
+             "mean NLL over the sample's answer tokens (`memorization_loss: answer`, beyond SPEC §2)")
+    out.append(f"Settings: memorization loss = {which}, τ = {c.tau}, δ = {c.delta}, ε {eps}, "
                f"embedding for pairing: **{a.embedding}**, p-value correction: "
                f"{corr_mod.CORRECTION_NAMES[c.correction]}.")
     if a.notes:

@@ -48,6 +48,18 @@ class AnalysisConfig:
     token_align: str = "position"  # token-level pairs: "position" (templated data) or "prefix" (free text)
     progress: bool = True
     figures: bool = True
+    # SPEC §2 uses the whole-sample loss. "answer": the loss over the tokens a document's rules determine (the
+    # probe record's optional `answer_loss`), for synthetic documents whose other tokens are irreducible noise.
+    memorization_loss: str = "sample"
+    # In-run controls: domain -> a domain of the same run that memorizes without generalizing (a rule-free twin).
+    # Its metric series, correlated with the domain's accuracy, fills the control columns when no control run is
+    # given. None: pair every `<d>_twin` with `<d>` automatically; {} turns it off.
+    control_domains: Mapping[str, str] | None = None
+
+    def __post_init__(self):
+        if self.memorization_loss not in ("sample", "answer"):
+            raise MoegrokError(f"analysis.memorization_loss must be 'sample' or 'answer', "
+                               f"got {self.memorization_loss!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -80,7 +92,9 @@ class RunData:
         return self.route_TxNxLxE.shape[3]
 
 
-def load_run(path: str | os.PathLike, progress: bool = False) -> RunData:
+def load_run(path: str | os.PathLike, progress: bool = False, loss: str = "sample") -> RunData:
+    """Every checkpoint's probe record and eval of a run. ``loss``: which per-sample loss fills ``loss_TxN``,
+    ``"sample"`` (mean NLL over all tokens) or ``"answer"`` (the optional ``answer_loss`` field)."""
     from tqdm.auto import tqdm
 
     rd = RunDir(path)
@@ -93,7 +107,8 @@ def load_run(path: str | os.PathLike, progress: bool = False) -> RunData:
         notes.append(f"provisional: {rd.path / 'meta.json'} says finished=false (run still being written or "
                      f"interrupted); analysed the {len(steps)} complete checkpoints, the latest (step {steps[-1]}) "
                      "standing in for the last one")
-    loss, route, router, evals = [], [], [], []
+    loss_field = loss
+    losses, route, router, evals = [], [], [], []
     first = None
     for s in tqdm(steps, desc="loading records", disable=not progress, leave=False):
         p = rd.probe(s)
@@ -105,7 +120,11 @@ def load_run(path: str | os.PathLike, progress: bool = False) -> RunData:
         elif p.route_probs.shape[1:] != first.route_probs.shape[1:]:
             raise MoegrokError(f"{rd.path}/records step {s}: route_probs shape {p.route_probs.shape} differs from "
                                f"step {steps[0]} ({first.route_probs.shape})")
-        loss.append(p.sample_loss)
+        if loss_field == "answer" and p.answer_loss is None:
+            raise MoegrokError(f"{rd.path}/records/step_{s:09d}/probe.npz: no 'answer_loss' field, which "
+                               "analysis.memorization_loss='answer' needs (only probe sets with marked answer "
+                               "tokens have it); use memorization_loss='sample'")
+        losses.append(p.answer_loss if loss_field == "answer" else p.sample_loss)
         route.append(p.route_probs)
         router.append(p.router_weights)
         evals.append(rd.eval(s))
@@ -128,7 +147,7 @@ def load_run(path: str | os.PathLike, progress: bool = False) -> RunData:
             notes.append(f"domain '{d}': test results missing at some checkpoints; t# and lag n/a")
     probe_text = _probe_texts(rd, first.sample_ids, domain_N, notes)
     test_text = _test_texts(rd, test_ids, notes)
-    return RunData(rd, steps, first.sample_ids, domain_N, domains, np.stack(loss).astype(np.float64),
+    return RunData(rd, steps, first.sample_ids, domain_N, domains, np.stack(losses).astype(np.float64),
                    np.stack(route), np.stack(router), accuracy, val_loss, correct, test_ids, probe_text, test_text,
                    notes)
 
@@ -491,7 +510,7 @@ class Analysis:
 
 def compute_analysis(run_dir: str | os.PathLike, cfg: AnalysisConfig = AnalysisConfig(),
                      control: "Analysis | None" = None) -> Analysis:
-    data = load_run(run_dir, cfg.progress)
+    data = load_run(run_dir, cfg.progress, cfg.memorization_loss)
     notes = list(data.notes)
     if len(data.steps) < 3:
         notes.append(f"n/a: only {len(data.steps)} checkpoint(s): correlations need at least 3")
@@ -506,8 +525,31 @@ def compute_analysis(run_dir: str | os.PathLike, cfg: AnalysisConfig = AnalysisC
     crows = corr_mod.correct_rows(crows, cfg.correction)
     if control is not None:
         crows = corr_mod.compare_with_control(crows, control_rows(data, windows, control))
+    else:
+        pairs = in_run_controls(data.domains, cfg.control_domains)
+        if pairs:
+            twin_rows = correlation_rows(
+                data.steps, {d: series[c] for d, c in pairs.items() if c in series},
+                {d: data.accuracy[d] for d in pairs}, windows,
+                {d: series_why.get(c, {}) for d, c in pairs.items()})
+            crows = corr_mod.compare_with_control(
+                crows, corr_mod.correct_rows(twin_rows, cfg.correction), only=set(pairs))
+            notes.append("control columns: " + ", ".join(f"'{c}' for '{d}'" for d, c in pairs.items())
+                         + " (in-run rule-free twin: its series against the domain's own accuracy)")
     return Analysis(data, cfg, doms, embedding, rows, layer_rows, cons_note, series, series_why, windows, crows,
                     notes)
+
+
+def in_run_controls(domains: Sequence[str], mapping: Mapping[str, str] | None) -> dict[str, str]:
+    """Domain -> its in-run control domain; see `AnalysisConfig.control_domains`."""
+    if mapping is None:
+        return {d: f"{d}_twin" for d in domains if f"{d}_twin" in domains}
+    for d, c in mapping.items():
+        for role, name in (("domain", d), ("control domain", c)):
+            if name not in domains:
+                raise MoegrokError(f"analysis.control_domains: {role} '{name}' is not in this run (domains: "
+                                   f"{', '.join(domains)})")
+    return dict(mapping)
 
 
 def control_rows(data: RunData, windows, control: Analysis) -> list[corr_mod.CorrRow]:

@@ -9,6 +9,7 @@ bitwise the same as an uninterrupted run on the same machine and device count.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -106,7 +107,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, model_cfg: MoeCo
         total = lm + aux_c * out.aux_loss + z_c * out.z_loss
         return total, {"lm_loss": lm, "aux_loss": out.aux_loss, "z_loss": out.z_loss}
 
-    @jax.jit
+    # Parameters and optimizer state are donated: the update is written in place of the old buffers instead of
+    # into fresh ones (callers must use the returned state; the model the state was split from is stale until
+    # `nnx.update(model, state)`, which the trainer does before every evaluation).
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step(state, opt_state, tokens_BxT, mask_BxT):
         (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state, tokens_BxT, mask_BxT)
         updates, opt_state = tx.update(grads, opt_state, state)
@@ -210,8 +214,9 @@ def _truncate_jsonl(path: Path, max_step: int) -> None:
 # ----------------------------------------------------------------------------------------------- evaluation
 def evaluate(model: MoeLM, corpus, batch_size: int) -> tuple[dict, dict]:
     probes = corpus.probe_set()
+    answers = probes["answer_mask"] if probes["answer_mask"].any() else None  # user text marks no answers
     record = probe_record(model, probes["tokens"], probes["mask"], probes["sample_ids"], probes["domains"],
-                          batch_size=batch_size)
+                          batch_size=batch_size, answer_mask_NxT=answers)
     ev: dict[str, Any] = {"val_loss": {}, "test": {}}
     for d in corpus.domains:
         v = corpus.val_set(d)

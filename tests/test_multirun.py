@@ -1,0 +1,86 @@
+"""The metrics-study tables: values traced back to each run's own correlations.csv / lag.csv."""
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moegrok.analysis.multirun import correlation_summary, lag_rows, load_analysis, markdown, target_reached
+from moegrok.cli import main
+from synthetic_run import SynthSpec, make_run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("multi")
+    out = {}
+    for label, seeds in (("a", (0, 1)), ("b", (2,))):
+        out[label] = []
+        for s in seeds:
+            run = make_run(base / f"{label}{s}", SynthSpec(seed=s, domains=("math", "knowledge", "math_twin")))
+            assert main(["analyze", str(run), "--embedding", "tfidf", "--no-progress", "--no-figures"]) == 0
+            out[label].append(run)
+    return out
+
+
+def _csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_correlation_summary_matches_each_run(runs):
+    loaded = {k: [load_analysis(r) for r in v] for k, v in runs.items()}
+    rows = correlation_summary(loaded, ["math", "knowledge"])
+    for label, dirs in runs.items():
+        for metric in ("training loss (domain)", "consistency S", "pathway distance (text)"):
+            per = [next(r for r in _csv(d / "analysis" / "correlations.csv")
+                        if (r["domain"], r["window"], r["metric"], r["kind"]) == ("math", "all", metric, "diff"))
+                   for d in dirs]
+            rs = [float(r["pearson_r"]) for r in per if r["pearson_r"]]
+            got = next(r for r in rows if (r["config"], r["domain"], r["metric"], r["kind"]) == (label, "math", metric,
+                                                                                                "diff"))
+            assert got["seeds"] == len(rs)
+            if rs:
+                assert got["r_mean"] == pytest.approx(np.mean(rs)) and got["r_min"] == pytest.approx(min(rs))
+                assert got["sig"] == sum(float(r["pearson_p_adj"]) < 0.05 for r in per if r["pearson_r"])
+                ctl = [float(r["control_pearson_r"]) for r in per if r["control_pearson_r"]]
+                assert got["control_r_mean"] == pytest.approx(np.mean(ctl))  # the in-run math_twin control
+
+
+def test_lag_rows_and_target(runs):
+    loaded = {k: [load_analysis(r) for r in v] for k, v in runs.items()}
+    lag = lag_rows(loaded, ["math", "knowledge"])
+    for row in lag:
+        d = runs[row["config"]][[p.name for p in runs[row["config"]]].index(row["run"])]
+        lags = [int(r["lag_checkpoints"]) for r in _csv(d / "analysis" / "lag.csv") if r["domain"] == row["domain"]]
+        assert row["pairs"] == len(lags) and row["ok"] == any(x >= 2 for x in lags)
+    corr = correlation_summary(loaded, ["math", "knowledge"])
+    # Hand-made: every math metric of config "a" with r in [+0.9 (min), -0.9 (max)] is read as distance <= -0.9
+    # (its max) and consistency >= +0.9 (its min), significant in both seeds.
+    fake = [dict(c, seeds=2, sig=2, r_min=0.9, r_max=-0.9) if c["config"] == "a" and c["domain"] == "math"
+            else c for c in corr]
+    assert "math" in target_reached(fake)["a"]
+    weak = [dict(c, r_min=0.7) if c["metric"] == "consistency S" else c for c in fake]
+    assert "math" not in target_reached(weak)["a"]
+    bad = [dict(c, sig=1) if c["config"] == "a" else c for c in fake]  # one seed not significant
+    assert "math" not in target_reached(bad)["a"]
+
+
+def test_markdown_and_script(runs, tmp_path):
+    loaded = {k: [load_analysis(r) for r in v] for k, v in runs.items()}
+    text = markdown(loaded, ["math", "knowledge", "math_twin"], ["math_twin"])
+    assert "### a" in text and "### b" in text and "longest lag" in text
+    out = tmp_path / "study.md"
+    groups = [f"{k}={','.join(map(str, v))}" for k, v in runs.items()]
+    r = subprocess.run([sys.executable, str(ROOT / "analysis" / "metrics_study.py"), *sum([["--group", g] for g in groups], []),
+                        "--domains", "math", "knowledge", "math_twin", "--control", "math_twin", "--out", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert out.read_text() == text
+    r = subprocess.run([sys.executable, str(ROOT / "analysis" / "metrics_study.py"), "--group",
+                        f"x={tmp_path / 'nope'}", "--domains", "math"], capture_output=True, text=True)
+    assert r.returncode == 1 and "summary.json: missing" in r.stderr
