@@ -222,7 +222,8 @@ def peak_rss(args) -> None:
           f"({size / 1e9:.2f} GB) of safetensors (generated in {t_gen:.1f} s); {args.texts} probe texts, "
           f"byte-level BPE tokenizer")
     print(f"    {'run':<30}{'peak RSS GiB':>13}{'/ ckpt':>8}{'seconds':>9}  records")
-    for name, r in (("load_olmoe only (reference)", load), ("1 checkpoint (step1000)", one), ("2 checkpoints (step1000+2000)", two)):
+    for name, r in (("load_olmoe only (reference)", load), ("1 checkpoint (step1000)", one),
+                    ("2 checkpoints (step1000+2000)", two)):
         print(f"    {name:<30}{r['peak_kib'] * 1024 / 2**30:>13.2f}{r['peak_kib'] * 1024 / size:>8.2f}"
               f"{r['seconds']:>9.1f}  {', '.join(r['records'])}")
     ratio = two["peak_kib"] / one["peak_kib"]

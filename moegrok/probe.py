@@ -12,7 +12,38 @@ from flax import nnx
 from moegrok.model.model import MoeLM, sample_nll, token_nll
 
 
-@nnx.jit
+def _jit_on_state(fn):
+    """`jax.jit` over the model's split state instead of `nnx.jit` over the model: measured on a 1.36 GiB OLMoE
+    checkpoint, `nnx.jit` held a second copy of the weights (pipeline peak 2.8x the checkpoint, 1.4x this way)."""
+    @jax.jit
+    def pure(state, graphdef_holder, *args):
+        return fn(nnx.merge(graphdef_holder.value, state), *args)
+
+    def call(model: MoeLM, *args):
+        graphdef, state = nnx.split(model)
+        return pure(state, _Static(graphdef), *args)
+
+    return call
+
+
+class _Static:
+    """A hashable static leaf carrying the graphdef through `jax.jit` (compared by equality, so one compile per
+    model structure)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __hash__(self):
+        return hash(self.value)
+
+    def __eq__(self, other):
+        return isinstance(other, _Static) and self.value == other.value
+
+
+jax.tree_util.register_static(_Static)
+
+
+@_jit_on_state
 def _probe_batch(model: MoeLM, tokens_BxT, mask_BxT, answer_BxT):
     out = model(tokens_BxT, mask_BxT)
     nll, valid = token_nll(out.logits, tokens_BxT, mask_BxT)
@@ -86,7 +117,7 @@ def probe_record(model: MoeLM, tokens_NxT: np.ndarray, mask_NxT: np.ndarray, sam
     return rec
 
 
-@nnx.jit
+@_jit_on_state
 def _nll_batch(model: MoeLM, tokens_BxT, mask_BxT):
     nll, valid = token_nll(model(tokens_BxT, mask_BxT).logits, tokens_BxT, mask_BxT)
     v = valid.astype(jnp.float32)
@@ -105,7 +136,7 @@ def mean_token_nll(model: MoeLM, tokens_NxT: np.ndarray, mask_NxT: np.ndarray, b
     return tot / max(cnt, 1.0)
 
 
-@nnx.jit
+@_jit_on_state
 def _answer_hits(model: MoeLM, tokens_BxT, mask_BxT, answer_mask_BxT):
     pred = jnp.argmax(model(tokens_BxT, mask_BxT).logits[:, :-1], axis=-1)
     hit = (pred == tokens_BxT[:, 1:]) | ~answer_mask_BxT[:, 1:]
