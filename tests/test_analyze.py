@@ -39,6 +39,14 @@ def load_records(run):
     return steps, probes, evals
 
 
+def brute_t_star(l, eps, delta=0.05):
+    """SPEC §2 literally: the first checkpoint before the last from which every loss is <= eps and within delta of
+    the final one; None if there is none."""
+    T = len(l)
+    return next((t for t in range(T - 1) if all(l[u] <= eps and abs(l[u] - l[-1]) <= delta for u in range(t, T))),
+                None)
+
+
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     run = make_run(tmp_path_factory.mktemp("r") / "run")
@@ -70,9 +78,7 @@ def test_memorization_and_consistency_match_independent_recomputation(full_run):
     for d in ("math", "knowledge"):
         eps = summary["domains"][d]["epsilon"]
         for i in np.flatnonzero(dom == d):
-            l = loss[:, i]
-            t = next((t for t in range(len(steps) - 1)
-                      if all(l[u] <= eps and abs(l[u] - l[-1]) <= 0.05 for u in range(t, len(steps)))), None)
+            t = brute_t_star(loss[:, i], eps)
             assert samples[i]["t_star_step"] == ("never" if t is None else str(steps[t]))
     # R of the memorized math samples at the last checkpoint, straight from SPEC §5
     mem = [i for i in np.flatnonzero(dom == "math") if samples[i]["t_star_step"] != "never"]
@@ -99,14 +105,12 @@ def test_memorization_on_answer_loss(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     dom = probes[0]["domains"]
     samples = {int(r["sample_id"]): r for r in read_csv(out / "samples.csv")}
-    steps = [p for p in summary["steps"]]
+    steps = summary["steps"]
     found = 0
     for d in ("math", "knowledge"):
         eps = summary["domains"][d]["epsilon"]
         for i in np.flatnonzero(dom == d):
-            l = ans[:, i]
-            t = next((t for t in range(len(steps) - 1)
-                      if all(l[u] <= eps and abs(l[u] - l[-1]) <= 0.05 for u in range(t, len(steps)))), None)
+            t = brute_t_star(ans[:, i], eps)
             assert samples[i]["t_star_step"] == ("never" if t is None else str(steps[t]))
             found += t is not None
     assert found > 0
