@@ -1,11 +1,11 @@
 """moegrok: memorization-to-generalization in mixture-of-experts language models (JAX / Flax NNX)."""
 from __future__ import annotations
 
-import importlib
+from moegrok._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-# Lazy exports keep `import moegrok` (and `moegrok --help`) fast: JAX loads only when a name is used.
+# Lazy (see moegrok._lazy): JAX loads only when a name is used.
 _EXPORTS = {
     "RunDir": "moegrok.rundir",
     "MoegrokError": "moegrok.errors",
@@ -17,10 +17,4 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'moegrok' has no attribute {name!r}")
-
-
-__all__ = sorted(_EXPORTS)
+__getattr__, __dir__, __all__ = lazy_exports("moegrok", _EXPORTS, globals())

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from moegrok import rundir
+from moegrok.data.user import iter_lines, json_object
 from moegrok.errors import MoegrokError
 
 STEP_RE = re.compile(r"step(\d+)(?:-tokens(\d+)B)?")
@@ -49,25 +50,17 @@ def order_checkpoints(paths: Sequence[str | Path]) -> list[Checkpoint]:
 
 
 def _read_jsonl(path: Path, required: dict[str, type], what: str) -> list[dict]:
-    if not path.is_file():
-        raise MoegrokError(f"{path}: {what} file not found")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MoegrokError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise MoegrokError(f"{path}:{i}: expected a JSON object")
-            for key, typ in required.items():
-                if key not in row:
-                    raise MoegrokError(f"{path}:{i}: missing field '{key}'")
-                if not isinstance(row[key], typ):
-                    raise MoegrokError(f"{path}:{i}: field '{key}' must be {typ.__name__ if isinstance(typ, type) else typ}")
-            rows.append(row)
+    for i, line in iter_lines(path):
+        if not line.strip():
+            continue
+        row = json_object(str(path), i, line)
+        for key, typ in required.items():
+            if key not in row:
+                raise MoegrokError(f"{path}:{i}: missing field '{key}'")
+            if not isinstance(row[key], typ):
+                raise MoegrokError(f"{path}:{i}: field '{key}' must be {typ.__name__ if isinstance(typ, type) else typ}")
+        rows.append(row)
     if not rows:
         raise MoegrokError(f"{path}: no {what} (the file is empty)")
     ids = [r["id"] for r in rows]

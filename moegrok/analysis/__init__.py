@@ -10,7 +10,7 @@ Names below load lazily so importing this package does not import JAX.
 """
 from __future__ import annotations
 
-import importlib
+from moegrok._lazy import lazy_exports
 
 _EXPORTS = {
     "AnalysisConfig": "moegrok.analysis.run_metrics",
@@ -26,10 +26,4 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'moegrok.analysis' has no attribute {name!r}")
-
-
-__all__ = sorted(_EXPORTS)
+__getattr__, __dir__, __all__ = lazy_exports("moegrok.analysis", _EXPORTS, globals())

@@ -38,7 +38,7 @@ class EvalItem:
     line: int
 
 
-def _lines(path: str | Path) -> Iterator[tuple[int, str]]:
+def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
     """(1-based line number, decoded line without its terminator); names the file/line on any read failure."""
     p = Path(path).expanduser()
     if not p.exists():
@@ -58,7 +58,7 @@ def _lines(path: str | Path) -> Iterator[tuple[int, str]]:
             yield i, line.rstrip("\r\n")
 
 
-def _json_object(p: str, i: int, line: str) -> dict:
+def json_object(p: str, i: int, line: str) -> dict:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
@@ -80,10 +80,10 @@ def read_documents(path: str, text_format: str = "auto") -> TextDocs:
     texts: list[str] = []
     starts: list[int] = []
     if fmt == "jsonl":
-        for i, line in _lines(path):
+        for i, line in iter_lines(path):
             if not line.strip():
                 continue
-            obj = _json_object(path, i, line)
+            obj = json_object(path, i, line)
             t = obj.get("text")
             if not isinstance(t, str):
                 raise MoegrokError(f"{path}:{i}: field 'text' must be a string, got "
@@ -93,13 +93,13 @@ def read_documents(path: str, text_format: str = "auto") -> TextDocs:
             texts.append(t)
             starts.append(i)
     elif fmt == "lines":
-        for i, line in _lines(path):
+        for i, line in iter_lines(path):
             if line.strip():
                 texts.append(line)
                 starts.append(i)
     elif fmt == "paragraphs":
         cur: list[str] = []
-        for i, line in _lines(path):
+        for i, line in iter_lines(path):
             if line.strip():
                 if not cur:
                     starts.append(i)
@@ -120,10 +120,10 @@ def read_test_items(path: str) -> list[EvalItem]:
     """Test items from JSONL ``{"id", "prompt", "answer"}``."""
     items: list[EvalItem] = []
     seen: dict[str, int] = {}
-    for i, line in _lines(path):
+    for i, line in iter_lines(path):
         if not line.strip():
             continue
-        obj = _json_object(path, i, line)
+        obj = json_object(path, i, line)
         missing = [k for k in ("id", "prompt", "answer") if k not in obj]
         if missing:
             raise MoegrokError(f"{path}:{i}: missing field(s) {missing}; expected {{\"id\", \"prompt\", \"answer\"}}")

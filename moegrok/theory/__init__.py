@@ -9,7 +9,7 @@ Public API (lazy, so importing the package does not load JAX)::
 """
 from __future__ import annotations
 
-import importlib
+from moegrok._lazy import lazy_exports
 
 _EXPORTS = {
     "routing_kernel": "moegrok.theory.kernel",
@@ -36,14 +36,4 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'moegrok.theory' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + list(_EXPORTS))
-
-
-__all__ = sorted(_EXPORTS)
+__getattr__, __dir__, __all__ = lazy_exports("moegrok.theory", _EXPORTS, globals())
