@@ -31,6 +31,29 @@ def best_times(fns: dict, repeats: int) -> dict:
     return best
 
 
+def forward_gflop(layers, d, heads, inter, experts, topk, vocab, batch, seq) -> float:
+    """Useful FLOPs of one forward (2 per multiply-add): q/k/v/o projections, causal attention (half the T x T
+    scores and the weighted sum), router, the top-k experts' SwiGLU, the LM head. Elementwise work is ignored."""
+    n = batch * seq
+    attn = 2 * n * d * 4 * d + 2 * 2 * batch * heads * seq * seq * (d // heads) / 2
+    moe = 2 * n * d * experts + 2 * n * topk * 3 * d * inter
+    return (layers * (attn + moe) + 2 * n * d * vocab) / 1e9
+
+
+def gemm_peak_gflops(n: int = 1024, repeats: int = 10) -> dict:
+    """This machine's fp32 GEMM throughput (n x n x n, best of `repeats`) for XLA and torch: the ceiling any
+    forward made of GEMMs can approach."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    a = np.random.RandomState(0).rand(2 * n, n).astype(np.float32)
+    ja, ta = jnp.asarray(a), torch.tensor(a)
+    mm = jax.jit(lambda x: x @ x[:n].T)
+    t = best_times({"xla": lambda: mm(ja).block_until_ready(), "torch": lambda: ta @ ta[:n].T}, repeats)
+    return {k: 2 * 2 * n * n * n / v / 1e9 for k, v in t.items()}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=4)
@@ -94,6 +117,13 @@ def main(argv=None) -> None:
         print(f"{name:<22}{ti:>12.4f}{n_tok / ti:>12.0f}{t_hf / ti:>8.2f}")
     print(f"best moegrok / HF throughput ratio: {t_hf / min(t.values()):.2f}x   (max |logit diff| vs HF: "
           + ", ".join(f"{impl} {d:.1e}" for impl, d in diff.items()) + ")")
+    gf = forward_gflop(args.layers, args.d, args.heads, args.inter, args.experts, args.topk, args.vocab,
+                       args.batch, args.seq)
+    peak = gemm_peak_gflops()
+    print(f"useful work {gf:.1f} GFLOP per forward: HF achieves {gf / t_hf:.0f} GFLOP/s, best moegrok "
+          f"{gf / min(t.values()):.0f} GFLOP/s; this machine's fp32 GEMM peak (2048x1024x1024): XLA "
+          f"{peak['xla']:.0f}, torch {peak['torch']:.0f} GFLOP/s -> no implementation can exceed "
+          f"{max(peak.values()) / (gf / t_hf):.2f}x HF here")
     print(f"load average (1, 5, 15 min): {os.getloadavg()}")
 
 
