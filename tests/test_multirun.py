@@ -84,3 +84,22 @@ def test_markdown_and_script(runs, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "analysis" / "metrics_study.py"), "--group",
                         f"x={tmp_path / 'nope'}", "--domains", "math"], capture_output=True, text=True)
     assert r.returncode == 1 and "summary.json: missing" in r.stderr
+
+
+def test_complexity_mirrors_consistency(runs):
+    """The table omits C because C = 1 - S per sample: its correlations are S's negated, with the same n and p."""
+    checked = 0
+    for dirs in runs.values():
+        for d in dirs:
+            rows = _csv(d / "analysis" / "correlations.csv")
+            key = lambda r: (r["domain"], r["window"], r["kind"])  # noqa: E731
+            s = {key(r): r for r in rows if r["metric"] == "consistency S"}
+            c = {key(r): r for r in rows if r["metric"] == "complexity C"}
+            assert s.keys() == c.keys()
+            for k in s:
+                assert s[k]["n"] == c[k]["n"] and bool(s[k]["pearson_r"]) == bool(c[k]["pearson_r"])
+                if s[k]["pearson_r"]:
+                    assert float(c[k]["pearson_r"]) == pytest.approx(-float(s[k]["pearson_r"]), abs=1e-5)
+                    assert float(c[k]["pearson_p"]) == pytest.approx(float(s[k]["pearson_p"]), rel=1e-4, abs=1e-9)
+                    checked += 1
+    assert checked > 0

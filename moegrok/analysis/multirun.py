@@ -151,7 +151,9 @@ def markdown(runs: Mapping[str, Sequence[dict]], domains: Sequence[str], control
     corr = correlation_summary(runs, domains)
     lines += ["", "## Correlation with test accuracy, all checkpoints", "",
               "Pearson r: mean over seeds [min, max]; sig = seeds with Benjamini-Hochberg-adjusted p < 0.05; "
-              "control = the in-run rule-free twin's series against the same accuracy (mean r).", ""]
+              "control = the in-run rule-free twin's series against the same accuracy (mean r). Complexity "
+              "C = 1 − S has r(C) = −r(S) with the same n and p, so it is not repeated; each run's "
+              "`analysis/correlations.csv` lists it, and the moving-average (window 3) training loss.", ""]
     for label in runs:
         lines += [f"### {label}", "", "| domain | metric | n | raw r [min, max] (sig) | first diff r (sig) | "
                   "partial on step r (sig) | Spearman ρ raw | control raw r |", "|---" * 8 + "|"]

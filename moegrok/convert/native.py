@@ -78,12 +78,14 @@ def _read_manifest(path: Path) -> MoeConfig:
         raise MoegrokError(f"{mpath}: field 'format' is {got!r}, expected {FORMAT!r}")
     if not isinstance(manifest.get("config"), dict):
         raise MoegrokError(f"{mpath}: field 'config' must be an object of MoeConfig fields")
+    return _config_from(manifest["config"], f"{mpath}: field 'config'")
+
+
+def _config_from(fields: dict, where: str) -> MoeConfig:
     try:
-        return MoeConfig.from_dict(manifest["config"])
-    except MoegrokError as e:
-        raise MoegrokError(f"{mpath}: {e}") from None
-    except TypeError as e:
-        raise MoegrokError(f"{mpath}: field 'config': {e}") from None
+        return MoeConfig.from_dict(fields)
+    except (MoegrokError, TypeError) as e:
+        raise MoegrokError(f"{where}: {e}") from None
 
 
 def checkpoint_steps(run_dir: str | os.PathLike) -> list[int]:
@@ -104,12 +106,7 @@ def _run_config(run_dir: Path) -> MoeConfig:
         raise MoegrokError(f"{cpath}: unreadable ({e})") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
         raise MoegrokError(f"{cpath}: needs a section 'model' with the MoeConfig fields")
-    try:
-        return MoeConfig.from_dict(raw["model"])
-    except MoegrokError as e:
-        raise MoegrokError(f"{cpath}: section 'model': {e}") from None
-    except TypeError as e:
-        raise MoegrokError(f"{cpath}: section 'model': {e}") from None
+    return _config_from(raw["model"], f"{cpath}: section 'model'")
 
 
 def _locate(path: Path, step: int | None) -> tuple[MoeConfig, Path]:
