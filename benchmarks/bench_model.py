@@ -41,8 +41,8 @@ def forward_gflop(layers, d, heads, inter, experts, topk, vocab, batch, seq) -> 
 
 
 def gemm_peak_gflops(n: int = 1024, repeats: int = 10) -> dict:
-    """This machine's fp32 GEMM throughput (n x n x n, best of `repeats`) for XLA and torch: the ceiling any
-    forward made of GEMMs can approach."""
+    """This machine's fp32 GEMM throughput ([2n, n] @ [n, n], best of `repeats`) for XLA and torch at their
+    default threads: the ceiling any forward made of GEMMs can approach."""
     import jax
     import jax.numpy as jnp
     import torch
