@@ -55,7 +55,14 @@ def main() -> None:
     ap.add_argument("--impls", default="dense,ragged,blocked", help="our moe_impl values to time")
     ap.add_argument("--probe-n", type=int, default=256, help="probe-set size for the routing-record share")
     ap.add_argument("--steps-per-checkpoint", type=int, default=750)
+    ap.add_argument("--data-devices", default="1,2",
+                    help="comma-separated data-parallel device counts to time ours at (train.mesh_data); on CPU the "
+                         "host is split into that many XLA devices, as `moegrok train` does")
     args = ap.parse_args()
+    n_dev = [int(n) for n in args.data_devices.split(",")]
+    if max(n_dev) > 1:  # before JAX initialises its backend
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={max(n_dev)}").strip()
 
     import jax
     import jax.numpy as jnp
@@ -68,7 +75,7 @@ def main() -> None:
     from moegrok.probe import probe_record
     from moegrok.training.config import TrainConfig
     from moegrok.training.optim import make_optimizer
-    from moegrok.training.train import make_train_step
+    from moegrok.training.train import make_mesh, make_train_step, shard_batch, shard_state
 
     rs = np.random.RandomState(0)
     tokens = rs.randint(0, args.vocab, (args.batch, args.seq)).astype(np.int32)
@@ -85,22 +92,25 @@ def main() -> None:
                         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_experts=args.experts,
                         num_experts_per_tok=args.topk, router_aux_loss_coef=0.01, router_z_loss_coef=0.001,
                         pad_token_id=0, eos_token_id=None, moe_impl=impl)
-        model = MoeLM(cfg)
-        tcfg = TrainConfig(learning_rate=1e-3, weight_decay=1.0, b1=0.9, b2=0.98, clip_norm=1.0, warmup_steps=10)
-        tx = make_optimizer(tcfg, 1000)
-        graphdef, state = nnx.split(model)
-        opt = tx.init(state)
-        step = make_train_step(graphdef, tx, cfg)
-        t_j, m_j = jnp.asarray(tokens), jnp.asarray(mask)
-        carry = [state, opt]
+        for nd in n_dev:
+            tcfg = TrainConfig(learning_rate=1e-3, weight_decay=1.0, b1=0.9, b2=0.98, clip_norm=1.0,
+                               warmup_steps=10, mesh_data=nd)
+            mesh = make_mesh(tcfg)
+            graphdef, state = nnx.split(MoeLM(cfg))
+            tx = make_optimizer(tcfg, 1000)
+            opt = tx.init(state)
+            step = make_train_step(graphdef, tx, cfg, mesh)
+            t_j, m_j = shard_batch(tokens, mesh), shard_batch(mask, mesh)
+            carry = [shard_state(state, mesh), shard_state(opt, mesh)]
 
-        def run():
-            carry[0], carry[1], m = step(carry[0], carry[1], t_j, m_j)
-            m["loss"].block_until_ready()
+            def run():
+                carry[0], carry[1], m = step(carry[0], carry[1], t_j, m_j)
+                m["loss"].block_until_ready()
 
-        results[impl] = bench(run, 3, args.iters)
-        print(f"moegrok[{impl}]  train step {results[impl] * 1e3:8.2f} ms  {ntok / results[impl]:10.0f} tok/s"
-              f"  (load {loadavg()})", flush=True)
+            name = f"{impl}, {nd} device{'s' if nd > 1 else ''}"
+            results[name] = bench(run, 3, args.iters)
+            print(f"moegrok[{name}]  train step {results[name] * 1e3:8.2f} ms  {ntok / results[name]:10.0f} tok/s"
+                  f"  (load {loadavg()})", flush=True)
     best_impl = min(results, key=results.get)
     ours = results[best_impl]
 
@@ -130,7 +140,7 @@ def main() -> None:
     print(f"ratio vs HF's best setting here (torch {best_n} thread(s)): {theirs[best_n] / ours:.2f}x")
 
     # Routing-record share: one probe record per checkpoint vs the steps between checkpoints.
-    cfg = cfg.replace(moe_impl=best_impl)
+    cfg = cfg.replace(moe_impl=best_impl.split(",")[0])
     model = MoeLM(cfg)
     ptok = rs.randint(0, args.vocab, (args.probe_n, args.seq)).astype(np.int32)
     pmask = np.ones_like(ptok, bool)

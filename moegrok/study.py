@@ -112,11 +112,12 @@ def run_study(config: str | Path, run_dir: str | Path, overrides: list[str] = ()
     from moegrok.analysis.report import analyze
     from moegrok.analysis.run_metrics import AnalysisConfig
     from moegrok.theory.fromrun import RunTheoryConfig, run_theory
-    from moegrok.training.config import load_config_file
+    from moegrok.training.config import load_config_file, request_host_devices
     from moegrok.training.train import RunConfig, train
 
     raw = load_config_file(config, list(overrides))
     cfg = RunConfig.from_dict(raw)
+    request_host_devices(cfg.train.mesh_data * cfg.train.mesh_expert)
     acfg = _section(raw, "analysis", AnalysisConfig)
     tcfg = _section(raw, "theory", RunTheoryConfig)
     if not progress:

@@ -12,9 +12,10 @@ import pytest
 
 from moegrok.convert.hf import load_olmoe
 from moegrok.model.config import MoeConfig
-from moegrok.model.grouped import experts_tiled
+from moegrok.model.grouped import experts_tiled, tile_rows
 from moegrok.model.model import MoeLM, get_params, lm_loss, set_params, token_nll
-from moegrok.model.moe import experts_blocked, experts_dense, experts_ragged, experts_ragged_dot, route
+from moegrok.model.moe import (EXPERT_IMPLS, experts_blocked, experts_dense, experts_ragged, experts_ragged_dot,
+                               route)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -194,7 +195,8 @@ def moe_fn(impl, bias, k, norm):
     return f
 
 
-OTHER_IMPLS = {"ragged": experts_ragged, "ragged_dot": experts_ragged_dot, "blocked": experts_blocked}
+OTHER_IMPLS = {"ragged": experts_ragged, "ragged_dot": experts_ragged_dot, "blocked": experts_blocked,
+               "ragged_unrolled": EXPERT_IMPLS["ragged_unrolled"]}
 
 
 @pytest.mark.parametrize("impl", list(OTHER_IMPLS.values()), ids=list(OTHER_IMPLS))
@@ -220,6 +222,14 @@ def test_ragged_matches_dense_outputs_and_gradients(impl, routing):
     if allowed is not None:  # no tokens, no gradient
         for g in grads["other"][1:3]:
             assert np.abs(np.asarray(g)[[1, 3, 4]]).max() == 0.0
+
+
+def test_unrolled_tiles_are_unrolled_forward_and_backward():
+    x, gu, dn, r = map(jnp.asarray, expert_inputs(N=64, seed=1))
+    f = moe_fn(EXPERT_IMPLS["ragged_unrolled"], jnp.zeros(gu.shape[0]), 2, True)
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda *a: jnp.sum(f(*a)), argnums=(1, 2)))(x, gu, dn, r))
+    T = -(-64 * 2 // tile_rows(64 * 2, gu.shape[0])) + gu.shape[0]
+    assert jaxpr.count(f"unroll={T}") == 2  # the forward and the backward tile loops
 
 
 def test_model_dense_and_ragged_agree_with_gradients():

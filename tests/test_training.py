@@ -191,7 +191,7 @@ SHARD_SCRIPT = textwrap.dedent("""
     from moegrok.training.train import RunConfig, train
     assert jax.device_count() == 8, jax.devices()
     out = {}
-    for name, (d, e) in {"single": (1, 1), "sharded": (4, 2)}.items():
+    for name, (d, e) in {"single": (1, 1), "sharded": (4, 2), "data": (4, 1)}.items():
         raw = load_config_file(sys.argv[1], sys.argv[3:] + [f"train.mesh_data={d}", f"train.mesh_expert={e}"])
         train(RunConfig.from_dict(raw), sys.argv[2] + "/" + name, progress=False)
         out[name] = [json.loads(l)["loss"] for l in open(sys.argv[2] + "/" + name + "/metrics.jsonl")]
@@ -200,16 +200,91 @@ SHARD_SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_run_matches_single_device(tmp_path):
-    """8 forced host devices (data 4 x expert 2) vs one device: the same losses within 1e-5 (float32 sums are
-    reduced in another order across devices, so bitwise equality is not expected)."""
+    """8 forced host devices, data 4 x expert 2 (compiler-partitioned experts) and data 4 alone (shard_map data
+    parallel) vs one device: the same losses within 1e-5 (float32 sums are reduced in another order across
+    devices, so bitwise equality is not expected)."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     over = ["data.num_steps=20", "train.checkpoint_every=20", "train.log_every=1", "train.tensorboard=false"]
     r = subprocess.run([sys.executable, "-c", SHARD_SCRIPT, str(TINY), str(tmp_path), *over], env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert len(out["single"]) == len(out["sharded"]) == 20
+    assert len(out["single"]) == len(out["sharded"]) == len(out["data"]) == 20
     np.testing.assert_allclose(out["sharded"], out["single"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(out["data"], out["single"], atol=1e-5, rtol=0)
+
+
+STEP_SCRIPT = textwrap.dedent("""
+    import json
+    import jax, jax.numpy as jnp, numpy as np, optax
+    from flax import nnx
+    from moegrok.model.config import MoeConfig
+    from moegrok.model.model import MoeLM, lm_loss
+    from moegrok.training.config import TrainConfig
+    from moegrok.training.train import make_mesh, make_train_step, shard_batch, shard_state
+    assert jax.device_count() == 2, jax.devices()
+    cfg = MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                    num_attention_heads=2, num_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.05,
+                    router_z_loss_coef=0.01, pad_token_id=0, eos_token_id=None)
+    rs = np.random.RandomState(0)
+    tokens = rs.randint(1, 64, (6, 12)).astype(np.int32)
+    # Very uneven shards: rows 0-2 (device 0) keep 12, 3 and 2 tokens, rows 3-5 (device 1) keep 12, 12 and 11.
+    lengths = np.array([12, 3, 2, 12, 12, 11])
+    mask = np.arange(12)[None] < lengths[:, None]
+    tokens[~mask] = 0
+    out = {}
+    for d in (1, 2):
+        tcfg = TrainConfig(learning_rate=1e-2, warmup_steps=0, mesh_data=d)
+        mesh = make_mesh(tcfg)
+        graphdef, state = nnx.split(MoeLM(cfg, seed=3))
+        tx = optax.sgd(1.0)  # updated parameters = parameters - gradient: compares the gradients themselves
+        opt = tx.init(state)
+        if d == 1:  # the loss written directly with the model's whole-batch losses (HF-tested in test_model)
+            o = nnx.merge(graphdef, state)(jnp.asarray(tokens), jnp.asarray(mask))
+            direct = lm_loss(o.logits, jnp.asarray(tokens), jnp.asarray(mask)) + 0.05 * o.aux_loss + 0.01 * o.z_loss
+            out["direct"] = float(direct)
+        step = make_train_step(graphdef, tx, cfg, mesh)
+        state, opt, m = step(shard_state(state, mesh), shard_state(opt, mesh), shard_batch(tokens, mesh),
+                             shard_batch(mask, mesh))
+        out[d] = {"metrics": {k: float(v) for k, v in m.items()},
+                  "params": [np.asarray(x).ravel().tolist() for x in jax.tree.leaves(state)]}
+    print(json.dumps(out))
+""")
+
+
+def test_data_parallel_step_equals_one_device_on_uneven_shards():
+    """The shard_map step on 2 devices, with shards holding very different numbers of real tokens, computes the
+    whole batch's loss (LM mean over all tokens, load balancing pooled over all tokens, z-loss) and gradient: its
+    metrics and updated parameters equal one device's, whose loss equals the model's own whole-batch losses."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    r = subprocess.run([sys.executable, "-c", STEP_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    one, two = out["1"], out["2"]
+    assert one["metrics"]["loss"] == pytest.approx(out["direct"], rel=1e-6)
+    for k, v in one["metrics"].items():
+        assert two["metrics"][k] == pytest.approx(v, rel=2e-5, abs=1e-7), k
+    for a, b in zip(one["params"], two["params"]):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-6)
+
+
+def test_cli_splits_the_cpu_into_mesh_devices(tmp_path):
+    """`moegrok train ... train.mesh_data=2` with no XLA_FLAGS: the CLI asks XLA for 2 host devices itself."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    run_dir = tmp_path / "run"
+    cli = "import sys; from moegrok.cli import main; sys.exit(main())"
+    r = subprocess.run([sys.executable, "-c", cli, "train", str(TINY), "--run-dir", str(run_dir), "--no-progress",
+                        "data.num_steps=4", "train.checkpoint_every=4", "train.log_every=1",
+                        "train.tensorboard=false", "train.mesh_data=2"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert RunDir(run_dir).steps == [4] and RunDir(run_dir).finished
+
+
+def test_mesh_that_does_not_divide_the_batch_is_refused(tmp_path):
+    with pytest.raises(MoegrokError, match="'mesh_data' \\(3\\) must divide the batch's 20 rows"):
+        train(tiny_cfg("train.mesh_data=3"), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_resume_with_a_different_config_is_refused(tiny_run):

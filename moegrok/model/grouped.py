@@ -6,11 +6,20 @@ expert's run is padded to a multiple of `b` rows, and a scan runs one [b, D] x [
 tile with that tile's expert weights; tiles past the last used one are skipped. Work is the top-k work plus < b
 padding rows per expert. The VJP is written by hand so the weight gradients accumulate in place per expert instead
 of as a full [E, ...] zero-plus-add per tile (what autodiff of the scan would produce).
+
+`unroll=True` unrolls the tile loops when they are short (<= UNROLL_UP_TO tiles). Measured on the default study
+model: with one XLA device per CPU core (data parallel), the train step took 68 ms with rolled loops and 46 ms
+unrolled; on a single device it makes no difference and costs compile time, so it is not the default. It is a
+separate pair of functions, not a flag read at trace time, because JAX caches the traces of custom-VJP rules.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+
+UNROLL_UP_TO = 64
 
 
 def tile_rows(num_assignments: int, num_experts: int) -> int:
@@ -22,13 +31,7 @@ def tile_rows(num_assignments: int, num_experts: int) -> int:
     return b
 
 
-@jax.custom_vjp
-def swiglu_tiles(xs_TxbxD, tile_e_T, n_used, gate_up_ExDx2I, down_ExIxD):
-    """Per tile t < n_used: silu(x W_gu[e, :, :I]) * (x W_gu[e, :, I:]) @ W_down[e], e = tile_e[t]; zeros after."""
-    return _forward(xs_TxbxD, tile_e_T, n_used, gate_up_ExDx2I, down_ExIxD)[0]
-
-
-def _forward(xs_TxbxD, tile_e_T, n_used, gate_up_ExDx2I, down_ExIxD):
+def _forward(xs_TxbxD, tile_e_T, n_used, gate_up_ExDx2I, down_ExIxD, unroll):
     T, b, D = xs_TxbxD.shape
     two_i = gate_up_ExDx2I.shape[-1]
 
@@ -44,16 +47,11 @@ def _forward(xs_TxbxD, tile_e_T, n_used, gate_up_ExDx2I, down_ExIxD):
         t, x_bxD, e = inp
         return None, jax.lax.cond(t < n_used, tile, skip, x_bxD, e)
 
-    _, (ys_TxbxD, gu_Txbx2I) = jax.lax.scan(body, None, (jnp.arange(T), xs_TxbxD, tile_e_T))
+    _, (ys_TxbxD, gu_Txbx2I) = jax.lax.scan(body, None, (jnp.arange(T), xs_TxbxD, tile_e_T), unroll=unroll)
     return ys_TxbxD, gu_Txbx2I
 
 
-def _fwd(xs_TxbxD, tile_e_T, n_used, gate_up_ExDx2I, down_ExIxD):
-    ys, gu = _forward(xs_TxbxD, tile_e_T, n_used, gate_up_ExDx2I, down_ExIxD)
-    return ys, (xs_TxbxD, gu, tile_e_T, n_used, gate_up_ExDx2I, down_ExIxD)
-
-
-def _bwd(res, dys_TxbxD):
+def _backward(res, dys_TxbxD, unroll):
     xs, gu_all, tile_e, n_used, gate_up, down = res
     T = xs.shape[0]
     f32 = jnp.float32
@@ -79,14 +77,35 @@ def _bwd(res, dys_TxbxD):
         return jax.lax.cond(t < n_used, tile, skip, carry, x, gu, e, dy)
 
     init = (jnp.zeros(gate_up.shape, f32), jnp.zeros(down.shape, f32))
-    (dgu_w, dd_w), dxs = jax.lax.scan(body, init, (jnp.arange(T), xs, gu_all, tile_e, dys_TxbxD))
+    (dgu_w, dd_w), dxs = jax.lax.scan(body, init, (jnp.arange(T), xs, gu_all, tile_e, dys_TxbxD), unroll=unroll)
     return dxs, None, None, dgu_w.astype(gate_up.dtype), dd_w.astype(down.dtype)
 
 
-swiglu_tiles.defvjp(_fwd, _bwd)
+@functools.cache
+def swiglu_tiles(unroll: bool):
+    """The tile loop as a custom-VJP function `(xs_TxbxD, tile_e_T, n_used, gate_up_ExDx2I, down_ExIxD) -> ys`:
+    per tile t < n_used, silu(x W_gu[e, :, :I]) * (x W_gu[e, :, I:]) @ W_down[e] with e = tile_e[t]; zeros after.
+    `unroll`: unroll loops of at most UNROLL_UP_TO tiles."""
+    def steps(T):
+        return True if unroll and T <= UNROLL_UP_TO else 1
+
+    @jax.custom_vjp
+    def f(xs_TxbxD, tile_e_T, n_used, gate_up_ExDx2I, down_ExIxD):
+        return _forward(xs_TxbxD, tile_e_T, n_used, gate_up_ExDx2I, down_ExIxD, steps(xs_TxbxD.shape[0]))[0]
+
+    def fwd(xs_TxbxD, tile_e_T, n_used, gate_up_ExDx2I, down_ExIxD):
+        ys, gu = _forward(xs_TxbxD, tile_e_T, n_used, gate_up_ExDx2I, down_ExIxD, steps(xs_TxbxD.shape[0]))
+        return ys, (xs_TxbxD, gu, tile_e_T, n_used, gate_up_ExDx2I, down_ExIxD)
+
+    def bwd(res, dys_TxbxD):
+        return _backward(res, dys_TxbxD, steps(dys_TxbxD.shape[0]))
+
+    f.defvjp(fwd, bwd)
+    return f
 
 
-def experts_tiled(x_NxD, gate_up_ExDx2I, down_ExIxD, topw_Nxk, topi_Nxk, tile: int | None = None):
+def experts_tiled(x_NxD, gate_up_ExDx2I, down_ExIxD, topw_Nxk, topi_Nxk, tile: int | None = None,
+                  unroll: bool = False):
     """Same contract as `moe.experts_ragged`: sum_j topw[n, j] * SwiGLU_{topi[n, j]}(x[n]), dropless."""
     N, k = topi_Nxk.shape
     E = gate_up_ExDx2I.shape[0]
@@ -111,7 +130,7 @@ def experts_tiled(x_NxD, gate_up_ExDx2I, down_ExIxD, topw_Nxk, topi_Nxk, tile: i
     src = jnp.where(valid, starts_E[slot_e] + rank, 0)
     xs = jnp.where(valid[:, None], x_NxD[order[src] // k], 0).reshape(T, b, -1)
 
-    ys = swiglu_tiles(xs, tile_e_T, n_used, gate_up_ExDx2I, down_ExIxD).reshape(T * b, -1)
+    ys = swiglu_tiles(unroll)(xs, tile_e_T, n_used, gate_up_ExDx2I, down_ExIxD).reshape(T * b, -1)
 
     # Assignment -> its tile slot.
     sorted_e = flat_e[order]

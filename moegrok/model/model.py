@@ -96,11 +96,17 @@ def token_nll(logits_BxTxV: jax.Array, tokens_BxT: jax.Array, mask_BxT: jax.Arra
     return nll, valid
 
 
-def lm_loss(logits_BxTxV, tokens_BxT, mask_BxT=None) -> jax.Array:
-    """Mean next-token NLL over valid positions (HF's causal-LM loss with padding labels = -100)."""
+def lm_loss_stats(logits_BxTxV, tokens_BxT, mask_BxT=None):
+    """(sum of next-token NLL over valid positions, their count): `lm_loss`'s sums, additive over data shards."""
     nll, valid = token_nll(logits_BxTxV, tokens_BxT, mask_BxT)
     v = valid.astype(jnp.float32)
-    return jnp.sum(nll * v) / jnp.maximum(jnp.sum(v), 1.0)
+    return jnp.sum(nll * v), jnp.sum(v)
+
+
+def lm_loss(logits_BxTxV, tokens_BxT, mask_BxT=None) -> jax.Array:
+    """Mean next-token NLL over valid positions (HF's causal-LM loss with padding labels = -100)."""
+    total, count = lm_loss_stats(logits_BxTxV, tokens_BxT, mask_BxT)
+    return total / jnp.maximum(count, 1.0)
 
 
 def sample_nll(logits_BxTxV, tokens_BxT, mask_BxT=None) -> jax.Array:

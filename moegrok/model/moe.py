@@ -3,6 +3,8 @@ auxiliary losses. The dense path computes every expert for every token and is th
 sort + `lax.ragged_dot`) path is tested against, in outputs and gradients."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -33,11 +35,12 @@ def experts_dense(x_NxD, gate_up_ExDx2I, down_ExIxD, topw_Nxk, topi_Nxk):
     return a_NxExI.reshape(-1, E * I) @ down_ExIxD.reshape(E * I, D)
 
 
-def experts_ragged(x_NxD, gate_up_ExDx2I, down_ExIxD, topw_Nxk, topi_Nxk):
+def experts_ragged(x_NxD, gate_up_ExDx2I, down_ExIxD, topw_Nxk, topi_Nxk, unroll: bool = False):
     """Dropless sorted experts. On CPU `lax.ragged_dot` lowers to a masked dense dot over all experts (slower than
-    `experts_dense`), so there the tiled grouped SwiGLU of `grouped.py` runs instead (same result)."""
+    `experts_dense`), so there the tiled grouped SwiGLU of `grouped.py` runs instead (same result; `unroll`: unroll
+    its short tile loops, see there)."""
     if jax.default_backend() == "cpu":
-        return experts_tiled(x_NxD, gate_up_ExDx2I, down_ExIxD, topw_Nxk, topi_Nxk)
+        return experts_tiled(x_NxD, gate_up_ExDx2I, down_ExIxD, topw_Nxk, topi_Nxk, unroll=unroll)
     return experts_ragged_dot(x_NxD, gate_up_ExDx2I, down_ExIxD, topw_Nxk, topi_Nxk)
 
 
@@ -84,7 +87,14 @@ def experts_blocked(x_NxD, gate_up_ExDx2I, down_ExIxD, topw_Nxk, topi_Nxk, block
     return jnp.einsum("nk,nkd->nd", topw_Nxk.astype(y_NxkxD.dtype), y_NxkxD)
 
 
-EXPERT_IMPLS = {"dense": experts_dense, "ragged": experts_ragged, "blocked": experts_blocked}
+EXPERT_IMPLS = {"dense": experts_dense, "ragged": experts_ragged, "blocked": experts_blocked,
+                # Not a config value: what the data-parallel CPU paths (train step, probe) run for "ragged".
+                "ragged_unrolled": functools.partial(experts_ragged, unroll=True)}
+
+
+def data_parallel_impl(impl: str) -> str | None:
+    """The expert implementation to trace inside a per-device (shard_map) program for config value `impl`."""
+    return "ragged_unrolled" if impl == "ragged" else None
 
 
 class MoeBlock(nnx.Module):
@@ -112,23 +122,36 @@ class MoeBlock(nnx.Module):
         return y.reshape(B, T, D), logits_NxE.reshape(B, T, -1)
 
 
-def load_balancing_loss(router_logits_LxBxTxE: jax.Array, k: int, mask_BxT: jax.Array | None = None) -> jax.Array:
-    """Switch load-balancing loss exactly as HF's `load_balancing_loss_func`: assignment fractions and mean router
-    probabilities pooled over all layers' (non-padding) tokens, then E * sum_e f_e * P_e."""
+def load_balancing_stats(router_logits_LxBxTxE: jax.Array, k: int, mask_BxT: jax.Array | None = None):
+    """The load-balancing loss's sums over these tokens, pooled over layers: (top-k assignments per expert [E],
+    router probability mass per expert [E], token count). Sums over data shards give the whole batch's statistics,
+    which is how the data-parallel train step computes the same loss as one device."""
     L, B, T, E = router_logits_LxBxTxE.shape
     probs, _, topi = route(router_logits_LxBxTxE.reshape(-1, E), k, False)
     w = jnp.ones((L * B * T,), jnp.float32) if mask_BxT is None else \
         jnp.broadcast_to(mask_BxT.astype(jnp.float32)[None], (L, B, T)).reshape(-1)
-    total = jnp.sum(w)
-    tokens_per_expert = jnp.einsum("n,nke->e", w, jax.nn.one_hot(topi, E, dtype=jnp.float32)) / total
-    prob_per_expert = jnp.einsum("n,ne->e", w, probs) / total
-    return E * jnp.sum(tokens_per_expert * prob_per_expert)
+    assigned_E = jnp.einsum("n,nke->e", w, jax.nn.one_hot(topi, E, dtype=jnp.float32))
+    return assigned_E, jnp.einsum("n,ne->e", w, probs), jnp.sum(w)
+
+
+def load_balancing_from_stats(assigned_E, prob_mass_E, total):
+    return assigned_E.shape[-1] * jnp.sum((assigned_E / total) * (prob_mass_E / total))
+
+
+def load_balancing_loss(router_logits_LxBxTxE: jax.Array, k: int, mask_BxT: jax.Array | None = None) -> jax.Array:
+    """Switch load-balancing loss exactly as HF's `load_balancing_loss_func`: assignment fractions and mean router
+    probabilities pooled over all layers' (non-padding) tokens, then E * sum_e f_e * P_e."""
+    return load_balancing_from_stats(*load_balancing_stats(router_logits_LxBxTxE, k, mask_BxT))
+
+
+def router_z_stats(router_logits_LxBxTxE: jax.Array, mask_BxT: jax.Array | None = None):
+    """(sum over layers and non-padding tokens of logsumexp(logits)^2, their count): the z-loss's sums."""
+    z = jax.nn.logsumexp(router_logits_LxBxTxE.astype(jnp.float32), axis=-1) ** 2
+    w = jnp.ones_like(z) if mask_BxT is None else jnp.broadcast_to(mask_BxT.astype(jnp.float32)[None], z.shape)
+    return jnp.sum(z * w), jnp.sum(w)
 
 
 def router_z_loss(router_logits_LxBxTxE: jax.Array, mask_BxT: jax.Array | None = None) -> jax.Array:
     """ST-MoE router z-loss: mean over layers and (non-padding) tokens of logsumexp(logits)^2."""
-    z = jax.nn.logsumexp(router_logits_LxBxTxE.astype(jnp.float32), axis=-1) ** 2
-    if mask_BxT is None:
-        return jnp.mean(z)
-    w = jnp.broadcast_to(mask_BxT.astype(jnp.float32)[None], z.shape)
-    return jnp.sum(z * w) / jnp.maximum(jnp.sum(w), 1.0)
+    total, count = router_z_stats(router_logits_LxBxTxE, mask_BxT)
+    return total / jnp.maximum(count, 1.0)

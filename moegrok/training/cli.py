@@ -20,14 +20,16 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moegrok.training.config import load_config_file
+    from moegrok.training.config import load_config_file, request_host_devices
     from moegrok.training.train import RunConfig, train
 
+    cfg = RunConfig.from_dict(load_config_file(args.config, args.overrides))
     if args.distributed:
         import jax
 
         jax.distributed.initialize()
-    cfg = RunConfig.from_dict(load_config_file(args.config, args.overrides))
+    else:  # one host: a CPU is split into as many XLA devices as the mesh asks for
+        request_host_devices(cfg.train.mesh_data * cfg.train.mesh_expert)
     train(cfg, args.run_dir, progress=not args.no_progress, log_sample_ids=args.log_sample_ids)
     print(f"run directory: {args.run_dir}")
     return 0

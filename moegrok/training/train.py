@@ -29,7 +29,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from moegrok import rundir
 from moegrok.errors import MoegrokError
 from moegrok.model.config import MoeConfig
-from moegrok.model.model import MoeLM, get_params, lm_loss, set_params
+from moegrok.model.model import MoeLM, get_params, lm_loss_stats, set_params
+from moegrok.model.moe import data_parallel_impl, load_balancing_from_stats, load_balancing_stats, router_z_stats
 from moegrok.probe import mean_token_nll, probe_record, score_answers
 from moegrok.training.config import TrainConfig, dataclass_from_dict
 from moegrok.training.optim import lr_schedule, make_optimizer
@@ -69,7 +70,8 @@ def make_mesh(cfg: TrainConfig):
         return None
     if jax.device_count() < n:
         raise MoegrokError(f"train config: mesh_data * mesh_expert = {n} devices, but only {jax.device_count()} "
-                           f"are visible (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count={n})")
+                           f"are visible (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count={n} before JAX "
+                           f"starts; `moegrok train` and `moegrok study` set it)")
     # Auto axis types: the dropless routing uses gathers/sorts that Explicit sharding rejects.
     return jax.make_mesh((cfg.mesh_data, cfg.mesh_expert), ("data", "expert"),
                          axis_types=(jax.sharding.AxisType.Auto,) * 2)
@@ -98,21 +100,55 @@ def shard_batch(x: np.ndarray, mesh):
 
 
 # ----------------------------------------------------------------------------------------------- the step
-def make_train_step(graphdef, tx: optax.GradientTransformation, model_cfg: MoeConfig):
-    aux_c, z_c = model_cfg.router_aux_loss_coef, model_cfg.router_z_loss_coef
+def make_train_step(graphdef, tx: optax.GradientTransformation, model_cfg: MoeConfig, mesh=None):
+    """The jitted step `(state, opt_state, tokens_BxT, mask_BxT) -> (state, opt_state, metrics)`.
 
-    def loss_fn(state, tokens_BxT, mask_BxT):
-        out = nnx.merge(graphdef, state)(tokens_BxT, mask_BxT)
-        lm = lm_loss(out.logits, tokens_BxT, mask_BxT)
-        total = lm + aux_c * out.aux_loss + z_c * out.z_loss
-        return total, {"lm_loss": lm, "aux_loss": out.aux_loss, "z_loss": out.z_loss}
+    With a mesh whose data axis has more than one device, each device computes the loss and gradient of its shard
+    of the batch (`shard_map`, data parallel) and the gradients are summed. The losses are written as sums over
+    tokens divided by whole-batch counts (counts summed across shards first), so the sharded step optimises the
+    same objective as one device, load-balancing loss included. On a multi-core CPU this is also the fast path:
+    XLA:CPU runs each device's program on its own thread, so the many small ops of a small model overlap.
+    """
+    aux_c, z_c = model_cfg.router_aux_loss_coef, model_cfg.router_z_loss_coef
+    k = model_cfg.num_experts_per_tok
+
+    def loss_fn(state, tokens_BxT, mask_BxT, across_shards, moe_impl=None):
+        # across_shards sums a statistic over the data shards (identity on one device). It is only applied to
+        # counts, which carry no gradient, so no collective is differentiated.
+        out = nnx.merge(graphdef, state)(tokens_BxT, mask_BxT, moe_impl=moe_impl)
+        nll_sum, n_tok = lm_loss_stats(out.logits, tokens_BxT, mask_BxT)
+        lm = nll_sum / jnp.maximum(across_shards(n_tok), 1.0)
+        assigned_E, prob_mass_E, n_route = load_balancing_stats(out.router_logits, k, mask_BxT)
+        aux = load_balancing_from_stats(across_shards(assigned_E), prob_mass_E, across_shards(n_route))
+        z_sum, z_n = router_z_stats(out.router_logits, mask_BxT)
+        z = z_sum / jnp.maximum(across_shards(z_n), 1.0)
+        total = lm + aux_c * aux + z_c * z
+        return total, {"lm_loss": lm, "aux_loss": aux, "z_loss": z}
+
+    n_data = 1 if mesh is None else mesh.shape["data"]
+    if n_data == 1:
+        def loss_and_grads(state, tokens_BxT, mask_BxT):
+            return jax.value_and_grad(loss_fn, has_aux=True)(state, tokens_BxT, mask_BxT, lambda x: x)
+    else:
+        def local(state, tokens_BxT, mask_BxT):
+            across = lambda x: jax.lax.psum(jax.lax.stop_gradient(x), "data")  # noqa: E731
+            # Short expert-tile loops unrolled: faster with one device per CPU core (see model/grouped.py).
+            impl = data_parallel_impl(model_cfg.moe_impl)
+            out = jax.value_and_grad(loss_fn, has_aux=True)(state, tokens_BxT, mask_BxT, across, impl)
+            return jax.lax.psum(out, "data")  # each shard's loss and gradient are its part of the whole batch's
+
+        # Manual over "data" only: an "expert" axis of more than one device stays with the compiler (experts'
+        # weights sharded); a trivial one is made manual too, which keeps the compiler out of the step entirely.
+        manual = {"data"} if mesh.shape["expert"] > 1 else set(mesh.axis_names)
+        loss_and_grads = jax.shard_map(local, mesh=mesh, in_specs=(P(), P("data"), P("data")), out_specs=P(),
+                                       axis_names=manual, check_vma=False)
 
     # Parameters and optimizer state are donated: the update is written in place of the old buffers instead of
     # into fresh ones (callers must use the returned state; the model the state was split from is stale until
     # `nnx.update(model, state)`, which the trainer does before every evaluation).
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step(state, opt_state, tokens_BxT, mask_BxT):
-        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state, tokens_BxT, mask_BxT)
+        (loss, parts), grads = loss_and_grads(state, tokens_BxT, mask_BxT)
         updates, opt_state = tx.update(grads, opt_state, state)
         state = optax.apply_updates(state, updates)
         return state, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads), **parts}
@@ -240,11 +276,15 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
     if cfg.model.vocab_size < corpus.tokenizer.vocab_size:
         raise MoegrokError(f"model config: field 'vocab_size' is {cfg.model.vocab_size}, smaller than the "
                            f"tokenizer's vocabulary ({corpus.tokenizer.vocab_size})")
+    batch_rows = corpus.batch(0)["tokens"].shape[0]
+    if batch_rows % tcfg.mesh_data:
+        raise MoegrokError(f"train config: field 'mesh_data' ({tcfg.mesh_data}) must divide the batch's "
+                           f"{batch_rows} rows (documents per step, all domains)")
+    mesh = make_mesh(tcfg)  # before the run directory is touched: a bad mesh leaves nothing to clean up
     prepare_run_dir(run_dir, cfg, corpus)
     num_steps = corpus_steps(corpus, tcfg)
     ckpt_steps = set(checkpoint_steps(num_steps, tcfg))
 
-    mesh = make_mesh(tcfg)
     model = MoeLM(cfg.model, seed=tcfg.seed)
     tx = make_optimizer(tcfg, num_steps)
     graphdef, state = nnx.split(model)
@@ -259,7 +299,7 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
     _truncate_jsonl(run_dir / "sample_ids.jsonl", start)
     state = shard_state(state, mesh)
     opt_state = shard_state(opt_state, mesh)
-    step_fn = make_train_step(graphdef, tx, cfg.model)
+    step_fn = make_train_step(graphdef, tx, cfg.model, mesh)
     sched = lr_schedule(tcfg, num_steps)
 
     tb = None
