@@ -65,8 +65,17 @@ def throughput(args) -> None:
     n_tok = args.batch * args.seq
     k = args.topk
 
+    import moegrok.probe
+
     def ours_fn():
         return probe_record(ours, tokens, mask, ids, domains, batch_size=args.batch)
+
+    def ours_one_device():  # the same call with the data-parallel split turned off
+        real, moegrok.probe._data_mesh = moegrok.probe._data_mesh, lambda: None
+        try:
+            return ours_fn()
+        finally:
+            moegrok.probe._data_mesh = real
 
     def hf_capture():
         with torch.no_grad():
@@ -90,11 +99,17 @@ def throughput(args) -> None:
             return hf_capture()
         return fn
 
+    n_dev = jax.device_count()
     fns = {"moegrok probe_record": ours_fn, "HF torch 2 threads": hf_at(2), "HF torch 1 thread": hf_at(1)}
+    if n_dev > 1:
+        fns["moegrok, 1 device"] = ours_one_device
     # sanity: both sides computed the same capture (fp32 on both sides)
     r_ours, r_hf = ours_fn(), hf_at(2)()
     d_loss = float(np.abs(r_ours["sample_loss"] - r_hf["sample_loss"]).max())
     d_route = float(np.abs(r_ours["route_probs"] - r_hf["route_probs"]).max())
+    if n_dev > 1:
+        r_one = ours_one_device()
+        d_dev = max(float(np.abs(r_ours[k] - r_one[k]).max()) for k in ("sample_loss", "route_probs"))
     for fn in fns.values():  # warm-up (jit compile, allocator); the sanity call above was the first
         fn()
     times = {name: [] for name in fns}
@@ -112,6 +127,8 @@ def throughput(args) -> None:
           f"= {n_tok} tokens; fp32; {args.repeats} interleaved rounds after warm-up; jax {jax.__version__} "
           f"{jax.devices()[0].platform}, torch {torch.__version__}, cpus {os.cpu_count()}")
     print(f"    capture agrees: max |sample_loss diff| {d_loss:.1e}, max |route_probs diff| {d_route:.1e}")
+    print(f"    ours on {n_dev} XLA CPU device(s) (`moegrok olmoe --cpu-devices {n_dev}`)" +
+          (f"; vs ours on 1 device: max diff {d_dev:.1e}" if n_dev > 1 else ""))
     best = {n: min(v) for n, v in times.items()}
     med = {n: statistics.median(v) for n, v in times.items()}
     o = "moegrok probe_record"
@@ -253,7 +270,13 @@ def main(argv=None) -> None:
     ap.add_argument("--texts", type=int, default=16, help="probe texts for the peak-RSS run")
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--skip-rss", action="store_true")
+    ap.add_argument("--cpu-devices", type=int, default=min(os.cpu_count() or 1, 8),
+                    help="XLA CPU devices for ours, as `moegrok olmoe --cpu-devices` (default: as the CLI); ours is "
+                         "also timed on one device; the RSS runs use the CLI's default")
     args = ap.parse_args(argv)
+    if args.cpu_devices > 1:  # before JAX initialises its backend
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={args.cpu_devices}").strip()
     print(f"load average at start: {loadavg()}")
     if not args.skip_throughput:
         throughput(args)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 from moegrok import rundir
 from moegrok.data.user import iter_lines, json_object
 from moegrok.errors import MoegrokError
+from moegrok.training.config import request_host_devices
 
 STEP_RE = re.compile(r"step(\d+)(?:-tokens(\d+)B)?")
 BUCKET = 32  # pad lengths to a multiple of this: few distinct shapes, few compilations
@@ -164,15 +166,7 @@ def score_multiple_choice(model, tok, tests: list[dict], max_len: int, batch_siz
                           norm: str = "sum") -> dict[str, dict]:
     """Zero-shot multiple choice: the choice with the highest log-likelihood given the question wins
     (`sum` of its tokens' log-probabilities, or their `mean`)."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    @nnx.jit
-    def logprobs(m, tokens, mask):
-        logits = m(tokens, mask).logits[:, :-1]
-        lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        return jnp.take_along_axis(lp, tokens[:, 1:, None], axis=-1)[..., 0]
+    from moegrok.probe import token_logprobs
 
     seqs, owners, cont_start = [], [], []
     for j, t in enumerate(tests):
@@ -194,8 +188,8 @@ def score_multiple_choice(model, tok, tests: list[dict], max_len: int, batch_siz
             cont_start.append(k)
     scores = np.zeros(len(seqs))
     for idx, T in _bucketed(seqs, batch_size):
-        tokens, mask = _pad(seqs, idx + [idx[0]] * (batch_size - len(idx)), T, pad_id)
-        lp = np.asarray(logprobs(model, jnp.asarray(tokens), jnp.asarray(mask)))
+        tokens, mask = _pad(seqs, idx, T, pad_id)
+        lp = token_logprobs(model, tokens, mask, batch_size)
         for r, i in enumerate(idx):
             s = lp[r, cont_start[i] - 1: len(seqs[i]) - 1]
             scores[i] = s.sum() if norm == "sum" else s.mean()
@@ -321,6 +315,9 @@ def register(sub) -> None:
     p.add_argument("--truncate", action="store_true", help="cut texts longer than --max-len instead of failing")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: the checkpoint's)")
     p.add_argument("--mc-norm", choices=["sum", "mean"], help="choice score: sum or mean token log-prob")
+    p.add_argument("--cpu-devices", type=int,
+                   help="on CPU, split the machine into this many XLA devices and each batch across them "
+                        "(default: the number of cores, at most 8; 1 = off). Weights are shared, not copied")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cli)
 
@@ -335,12 +332,12 @@ def _cli(args: argparse.Namespace) -> int:
             raise MoegrokError(f"{path}: config file not found")
         opts = yaml.safe_load(path.read_text()) or {}
         allowed = {"checkpoints", "texts", "run_dir", "tests", "correctness_dir", "tokenizer", "max_len",
-                   "batch_size", "truncate", "dtype", "mc_norm"}
+                   "batch_size", "truncate", "dtype", "mc_norm", "cpu_devices"}
         unknown = sorted(set(opts) - allowed)
         if unknown:
             raise MoegrokError(f"{path}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
     for k in ("checkpoints", "texts", "run_dir", "tests", "correctness_dir", "tokenizer", "max_len", "batch_size",
-              "dtype", "mc_norm"):
+              "dtype", "mc_norm", "cpu_devices"):
         v = getattr(args, k)
         if v is not None:
             opts[k] = v
@@ -349,6 +346,10 @@ def _cli(args: argparse.Namespace) -> int:
     for k in ("checkpoints", "texts", "run_dir"):
         if not opts.get(k):
             raise MoegrokError(f"olmoe: --{k.replace('_', '-')} is required (flag or config key '{k}')")
+    cpu_devices = opts.pop("cpu_devices", None) or min(os.cpu_count() or 1, 8)
+    if not isinstance(cpu_devices, int) or cpu_devices < 1:
+        raise MoegrokError(f"olmoe: cpu_devices must be a positive integer, got {cpu_devices!r}")
+    request_host_devices(cpu_devices)  # before anything starts JAX
     out = run(opts.pop("checkpoints"), opts.pop("texts"), opts.pop("run_dir"), progress=not args.no_progress,
               **opts)
     print(f"run directory: {out}")

@@ -3,6 +3,9 @@ computed directly, resumability, errors, and `moegrok analyze` on the output."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +105,52 @@ def test_records_match_transformers(trajectory, tmp_path):
     out = tmp_path / "run"
     assert main(["olmoe", "--checkpoints", *map(str, dirs), "--texts", str(texts), "--tests", str(tests),
                  "--run-dir", str(out), "--batch-size", "3", "--no-progress"]) == 0
+    check_against_transformers(root, out)
+    # analysis runs unchanged on the output
+    assert main(["analyze", str(out), "--no-progress", "--no-figures"]) == 0
+    assert (out / "analysis" / "report.md").exists()
+
+
+def test_records_on_two_cpu_devices_match_transformers(trajectory, tmp_path):
+    """A fresh process with `--cpu-devices 2`: each batch (3 texts, padded to 4) is split across two XLA devices
+    that share the weights; records and multiple-choice answers still equal transformers'."""
+    root, dirs, texts, tests = trajectory
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    code = ("import sys, jax; from moegrok.cli import main; rc = main(sys.argv[1:]); "
+            "assert jax.device_count() == 2, jax.devices(); sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code, "olmoe", "--checkpoints", *map(str, dirs), "--texts", str(texts),
+                        "--tests", str(tests), "--run-dir", str(out), "--batch-size", "3", "--cpu-devices", "2",
+                        "--no-progress"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    check_against_transformers(root, out)
+
+
+SHARE_SCRIPT = """
+import jax, numpy as np
+from flax import nnx
+from moegrok.model.config import MoeConfig
+from moegrok.model.model import MoeLM
+from moegrok.probe import _data_mesh, _replicated
+assert jax.device_count() == 2
+model = MoeLM(MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
+                        num_attention_heads=2, num_experts=4, num_experts_per_tok=2, param_dtype="bfloat16"))
+state = nnx.state(model)
+rep = _replicated(state, _data_mesh())
+for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(rep)):
+    assert len(b.addressable_shards) == 2
+    assert all(s.data.unsafe_buffer_pointer() == a.unsafe_buffer_pointer() for s in b.addressable_shards)
+print("shared")
+"""
+
+
+def test_cpu_devices_share_the_weights_instead_of_copying():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    r = subprocess.run([sys.executable, "-c", SHARE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "shared", r.stderr[-3000:]
+
+
+def check_against_transformers(root: Path, out: Path):
     rd = RunDir(out)
     assert rd.steps == [100, 200, 300] and rd.finished
     for step in rd.steps:
@@ -115,9 +164,6 @@ def test_records_match_transformers(trajectory, tmp_path):
             assert list(ev.correct[d].astype(int)) == c
     assert rd.meta["num_layers"] == 3 and rd.meta["num_experts"] == 6
     assert [r["text"] for r in rd.probes] == [t for _, t in TEXTS]
-    # analysis runs unchanged on the output
-    assert main(["analyze", str(out), "--no-progress", "--no-figures"]) == 0
-    assert (out / "analysis" / "report.md").exists()
 
 
 def test_resume_skips_done_checkpoints(trajectory, tmp_path, monkeypatch):

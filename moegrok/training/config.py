@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -22,8 +23,21 @@ def request_host_devices(n: int) -> None:
     one device (see `make_train_step`). Only takes effect before JAX initialises its backend; an explicit count in
     XLA_FLAGS wins. Accelerator platforms are unaffected."""
     flags = os.environ.get("XLA_FLAGS", "")
-    if n > 1 and "xla_force_host_platform_device_count" not in flags:
+    if n > 1 and "xla_force_host_platform_device_count" not in flags and not _jax_started():
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+
+
+def _jax_started() -> bool:
+    """Whether this process's JAX backends exist already (then the flag would change nothing here and only leak
+    into child processes)."""
+    if "jax" not in sys.modules:
+        return False
+    try:
+        from jax._src import xla_bridge
+
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):  # private API moved: assume started, never leak
+        return True
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
