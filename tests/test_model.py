@@ -228,7 +228,7 @@ def test_unrolled_tiles_are_unrolled_forward_and_backward():
     x, gu, dn, r = map(jnp.asarray, expert_inputs(N=64, seed=1))
     f = moe_fn(EXPERT_IMPLS["ragged_unrolled"], jnp.zeros(gu.shape[0]), 2, True)
     jaxpr = str(jax.make_jaxpr(jax.grad(lambda *a: jnp.sum(f(*a)), argnums=(1, 2)))(x, gu, dn, r))
-    T = -(-64 * 2 // tile_rows(64 * 2, gu.shape[0])) + gu.shape[0]
+    T = -(-64 * 2 // tile_rows(64 * 2, gu.shape[0], unrolled=True)) + gu.shape[0]
     assert jaxpr.count(f"unroll={T}") == 2  # the forward and the backward tile loops
 
 
