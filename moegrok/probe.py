@@ -194,7 +194,7 @@ def mean_token_nll(model: MoeLM, tokens_NxT: np.ndarray, mask_NxT: np.ndarray, b
     tot, cnt = 0.0, 0.0
     for sl in _batches(n, bs):
         s, c = _nll_batch(model, jnp.asarray(_pad_rows(tokens_NxT[sl], bs)), jnp.asarray(_pad_rows(mask_NxT[sl], bs)))
-        tot, cnt = tot + float(np.sum(s, dtype=np.float64)), cnt + float(np.sum(c))
+        tot, cnt = tot + float(np.asarray(s).sum(dtype=np.float64)), cnt + float(np.asarray(c).sum())
     return tot / max(cnt, 1.0)
 
 
