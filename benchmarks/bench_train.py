@@ -2,9 +2,11 @@
 config, same batch, this machine; and the share of step time the probe (routing) record costs.
 
     python benchmarks/bench_train.py [--layers 4 --hidden 64 --experts 8 --topk 2 --batch 32 --seq 48]
+                                     [--data-devices 1,2] [--impls dense,ragged,blocked]
 
 Ours is `moegrok.training.train.make_train_step` itself (the trainer's jitted, donated step: loss + aux + z-loss,
-clip-by-global-norm, masked AdamW). HF is `OlmoeForCausalLM(...).train()` with `output_router_logits=True` (so its
+clip-by-global-norm, masked AdamW), on one device and data parallel over `--data-devices` XLA CPU devices (what
+`moegrok train ... train.mesh_data=N` runs; the ratio lines use our fastest setting). HF is `OlmoeForCausalLM(...).train()` with `output_router_logits=True` (so its
 loss includes `router_aux_loss_coef` x load balancing; HF has no z-loss, ours adds it), `clip_grad_norm_(1.0)` and
 `torch.optim.AdamW`, zero_grad / backward / step, at `--torch-threads` (default 2 = this box's cores; also 1, because
 on a shared box torch's OpenMP threads spin against other processes and a 2-thread step can be 100x slower).
