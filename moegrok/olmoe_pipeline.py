@@ -61,7 +61,8 @@ def _read_jsonl(path: Path, required: dict[str, type], what: str) -> list[dict]:
             if key not in row:
                 raise MoegrokError(f"{path}:{i}: missing field '{key}'")
             if not isinstance(row[key], typ):
-                raise MoegrokError(f"{path}:{i}: field '{key}' must be {typ.__name__ if isinstance(typ, type) else typ}")
+                want = typ.__name__ if isinstance(typ, type) else typ
+                raise MoegrokError(f"{path}:{i}: field '{key}' must be {want}")
         rows.append(row)
     if not rows:
         raise MoegrokError(f"{path}: no {what} (the file is empty)")
@@ -346,7 +347,9 @@ def _cli(args: argparse.Namespace) -> int:
     for k in ("checkpoints", "texts", "run_dir"):
         if not opts.get(k):
             raise MoegrokError(f"olmoe: --{k.replace('_', '-')} is required (flag or config key '{k}')")
-    cpu_devices = opts.pop("cpu_devices", None) or min(os.cpu_count() or 1, 8)
+    cpu_devices = opts.pop("cpu_devices", None)
+    if cpu_devices is None:
+        cpu_devices = min(os.cpu_count() or 1, 8)
     if not isinstance(cpu_devices, int) or cpu_devices < 1:
         raise MoegrokError(f"olmoe: cpu_devices must be a positive integer, got {cpu_devices!r}")
     request_host_devices(cpu_devices)  # before anything starts JAX

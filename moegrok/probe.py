@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from moegrok.model.model import MoeLM, sample_nll, token_nll
@@ -71,8 +70,8 @@ def _jit_on_state(fn):
     checkpoint, `nnx.jit` held a second copy of the weights (pipeline peak 2.8x the checkpoint, 1.8x this way).
     The graphdef is static (hashable), so one compile per model structure.
 
-    `fn(model, moe_impl, *batch_arrays)` returns per-row arrays. Under `_data_mesh()` the rows are split across
-    the devices (shard_map); callers pad the batch to `_batch_rows` rows."""
+    `fn(model, moe_impl, *batch_arrays)` returns per-row arrays; callers pass NumPy batches padded to
+    `_batch_rows` rows. Under `_data_mesh()` the rows are split across the devices (shard_map)."""
     @functools.partial(jax.jit, static_argnums=(1, 2, 3))
     def pure(state, graphdef, mesh, impl, *args):
         if mesh is None:
@@ -159,7 +158,7 @@ def probe_record(model: MoeLM, tokens_NxT: np.ndarray, mask_NxT: np.ndarray, sam
     parts: dict[str, list] = {}
     for sl in _batches(n, bs):
         rows = sl.stop - sl.start
-        out = _probe_batch(model, *(jnp.asarray(_pad_rows(a[sl], bs)) for a in (tokens_NxT, mask_NxT, answer_NxT)))
+        out = _probe_batch(model, *(_pad_rows(a[sl], bs) for a in (tokens_NxT, mask_NxT, answer_NxT)))
         for key, v in out.items():
             parts.setdefault(key, []).append(np.asarray(v)[:rows])
         if progress is not None:
@@ -193,7 +192,7 @@ def mean_token_nll(model: MoeLM, tokens_NxT: np.ndarray, mask_NxT: np.ndarray, b
     bs = _batch_rows(batch_size, n)
     tot, cnt = 0.0, 0.0
     for sl in _batches(n, bs):
-        s, c = _nll_batch(model, jnp.asarray(_pad_rows(tokens_NxT[sl], bs)), jnp.asarray(_pad_rows(mask_NxT[sl], bs)))
+        s, c = _nll_batch(model, _pad_rows(tokens_NxT[sl], bs), _pad_rows(mask_NxT[sl], bs))
         tot, cnt = tot + float(np.asarray(s).sum(dtype=np.float64)), cnt + float(np.asarray(c).sum())
     return tot / max(cnt, 1.0)
 
@@ -211,8 +210,8 @@ def token_logprobs(model: MoeLM, tokens_NxT: np.ndarray, mask_NxT: np.ndarray, b
     n = tokens_NxT.shape[0]
     bs = _batch_rows(batch_size, n)
     return np.concatenate([
-        np.asarray(_token_logprobs(model, jnp.asarray(_pad_rows(tokens_NxT[sl], bs)),
-                                   jnp.asarray(_pad_rows(mask_NxT[sl], bs))))[: sl.stop - sl.start]
+        np.asarray(_token_logprobs(model, _pad_rows(tokens_NxT[sl], bs), _pad_rows(mask_NxT[sl], bs)))[
+            : sl.stop - sl.start]
         for sl in _batches(n, bs)])
 
 
@@ -239,6 +238,6 @@ def score_answers(model: MoeLM, tokens_NxT: np.ndarray, mask_NxT: np.ndarray, an
         raise ValueError("every test item needs at least one answer token")
     bs = _batch_rows(batch_size, n)
     return np.concatenate([
-        np.asarray(_answer_hits(model, *(jnp.asarray(_pad_rows(a[sl], bs))
+        np.asarray(_answer_hits(model, *(_pad_rows(a[sl], bs)
                                          for a in (tokens_NxT, mask_NxT, answer_NxT))))[: sl.stop - sl.start]
         for sl in _batches(n, bs)])

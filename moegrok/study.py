@@ -117,7 +117,7 @@ def run_study(config: str | Path, run_dir: str | Path, overrides: list[str] = ()
 
     raw = load_config_file(config, list(overrides))
     cfg = RunConfig.from_dict(raw)
-    request_host_devices(cfg.train.mesh_data * cfg.train.mesh_expert)
+    request_host_devices(cfg.train.mesh_devices)
     acfg = _section(raw, "analysis", AnalysisConfig)
     tcfg = _section(raw, "theory", RunTheoryConfig)
     if not progress:

@@ -193,7 +193,7 @@ def test_correctness_from_elsewhere(trajectory, tmp_path):
     assert ev.accuracy == {"math": 0.5}
 
 
-def test_errors(trajectory, tmp_path):
+def test_errors(trajectory, tmp_path, capsys):
     root, dirs, texts, _ = trajectory
     with pytest.raises(MoegrokError, match="longer than max length 3"):
         run(dirs[:1], texts, tmp_path / "a", max_len=3, progress=False)
@@ -209,6 +209,9 @@ def test_errors(trajectory, tmp_path):
     (broken / "config.json").write_text("{not json")
     assert main(["olmoe", "--checkpoints", str(broken), "--texts", str(texts), "--run-dir", str(tmp_path / "e"),
                  "--no-progress"]) == 1
+    assert main(["olmoe", "--checkpoints", *map(str, dirs), "--texts", str(texts), "--run-dir", str(tmp_path / "f"),
+                 "--cpu-devices", "0", "--no-progress"]) == 1
+    assert "cpu_devices must be a positive integer, got 0" in capsys.readouterr().err
 
 
 def test_step_order_from_names(tmp_path):

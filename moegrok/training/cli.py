@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
 
         jax.distributed.initialize()
     else:  # one host: a CPU is split into as many XLA devices as the mesh asks for
-        request_host_devices(cfg.train.mesh_data * cfg.train.mesh_expert)
+        request_host_devices(cfg.train.mesh_devices)
     train(cfg, args.run_dir, progress=not args.no_progress, log_sample_ids=args.log_sample_ids)
     print(f"run directory: {args.run_dir}")
     return 0

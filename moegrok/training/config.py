@@ -16,7 +16,6 @@ from moegrok.errors import MoegrokError
 SCHEDULES = ("constant", "cosine", "linear")
 
 
-
 def request_host_devices(n: int) -> None:
     """Make a CPU process expose `n` XLA devices (`--xla_force_host_platform_device_count`), so a mesh of `n`
     devices also runs on one multi-core CPU: data parallel over the cores, which on small models is faster than
@@ -39,6 +38,7 @@ def _jax_started() -> bool:
     except (ImportError, AttributeError):  # private API moved: assume started, never leak
         return True
 
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
@@ -59,6 +59,10 @@ class TrainConfig:
     mesh_data: int = 1  # devices along the data axis
     mesh_expert: int = 1  # devices along the expert axis
     tensorboard: bool = True
+
+    @property
+    def mesh_devices(self) -> int:
+        return self.mesh_data * self.mesh_expert
 
     def __post_init__(self):
         def bad(field, msg):

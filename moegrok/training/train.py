@@ -65,7 +65,7 @@ def checkpoint_steps(num_steps: int, cfg: TrainConfig) -> list[int]:
 
 # ----------------------------------------------------------------------------------------------- sharding
 def make_mesh(cfg: TrainConfig):
-    n = cfg.mesh_data * cfg.mesh_expert
+    n = cfg.mesh_devices
     if n == 1:
         return None
     if jax.device_count() < n:
