@@ -12,7 +12,7 @@ import pytest
 
 from moegrok.convert.hf import load_olmoe
 from moegrok.model.config import MoeConfig
-from moegrok.model.grouped import experts_tiled, tile_rows
+from moegrok.model.grouped import COUNTING_SORT_UP_TO, expert_ranks, experts_tiled, tile_rows
 from moegrok.model.model import MoeLM, get_params, lm_loss, set_params, token_nll
 from moegrok.model.moe import (EXPERT_IMPLS, experts_blocked, experts_dense, experts_ragged, experts_ragged_dot,
                                route)
@@ -127,6 +127,28 @@ def test_parity_with_transformers(pair):
     assert abs(total - float(out.loss)) <= 1e-5
 
 
+def test_explicit_positions_match_transformers(pair):
+    """Default positions use precomputed RoPE tables, explicit ones compute cos/sin in the graph: both paths against
+    HF with `position_ids` (stretched and gapped per row: RoPE is relative, so a mere shift would change nothing)."""
+    from flax import nnx
+
+    name, hf, path = pair
+    ids, mask = batch(seed=3)
+    pos = np.stack([np.arange(T), 3 * np.arange(T) + 5, np.cumsum(np.random.RandomState(0).randint(1, 9, T))])
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids), attention_mask=torch.tensor(mask.astype(np.int64)),
+                 position_ids=torch.tensor(pos)).logits.numpy()
+        ref0 = hf(torch.tensor(ids), attention_mask=torch.tensor(mask.astype(np.int64))).logits.numpy()
+    ours = load_olmoe(path, dtype="float32")
+    graphdef, state = nnx.split(ours)
+    fwd = jax.jit(lambda s, i, m, p: nnx.merge(graphdef, s)(i, m, p).logits)
+    got = np.asarray(fwd(state, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pos)))
+    got0 = np.asarray(forward(ours, ids, mask).logits)
+    assert np.abs(got[mask] - ref[mask]).max() <= 1e-4
+    assert np.abs(got0[mask] - ref0[mask]).max() <= 1e-4
+    assert np.abs(ref[1:][mask[1:]] - ref0[1:][mask[1:]]).max() > 1e-3  # the positions matter
+
+
 def test_clip_qkv_actually_clips():
     """The clip configs must exercise clipping: the same weights without clipping give different logits."""
     fields = CONFIGS["top1_clip_tied"]
@@ -185,6 +207,26 @@ def test_tiled_experts_match_brute_force(k, routing, tile):
     _, topw, topi = route(jnp.asarray(x @ r + bias), k, False)
     want = swiglu_brute_force(x, gu, dn, np.asarray(topw), np.asarray(topi))
     got = jax.jit(experts_tiled, static_argnames="tile")(*map(jnp.asarray, (x, gu, dn)), topw, topi, tile=tile)
+    assert np.abs(np.asarray(got) - want).max() <= 1e-5
+
+
+@pytest.mark.parametrize("E", [3, COUNTING_SORT_UP_TO, COUNTING_SORT_UP_TO + 1, 48])
+def test_expert_ranks_match_numpy_on_both_branches(E):
+    """Counting sort (E <= COUNTING_SORT_UP_TO) and argsort + scatter (above) against a NumPy loop: the rank of each
+    assignment among earlier ones to the same expert, and the per-expert counts (a starved expert included)."""
+    flat = np.random.RandomState(E).randint(0, E, 300)
+    flat[flat == 1] = 0
+    rank, sizes = jax.jit(expert_ranks, static_argnums=1)(jnp.asarray(flat, jnp.int32), E)
+    np.testing.assert_array_equal(np.asarray(rank), [np.sum(flat[:m] == flat[m]) for m in range(len(flat))])
+    np.testing.assert_array_equal(np.asarray(sizes), np.bincount(flat, minlength=E))
+
+
+def test_tiled_experts_match_brute_force_many_experts():
+    """E above the counting-sort threshold takes the argsort branch (OLMoE-1B-7B has 64 experts)."""
+    x, gu, dn, r = expert_inputs(N=50, E=COUNTING_SORT_UP_TO + 8)
+    _, topw, topi = route(jnp.asarray(x @ r), 3, False)
+    want = swiglu_brute_force(x, gu, dn, np.asarray(topw), np.asarray(topi))
+    got = jax.jit(experts_tiled)(*map(jnp.asarray, (x, gu, dn)), topw, topi)
     assert np.abs(np.asarray(got) - want).max() <= 1e-5
 
 

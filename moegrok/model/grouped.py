@@ -105,6 +105,26 @@ def swiglu_tiles(unroll: bool):
     return f
 
 
+COUNTING_SORT_UP_TO = 16
+
+
+def expert_ranks(flat_e_M: jax.Array, num_experts: int):
+    """(rank of each assignment among those to its expert, in order [M]; assignments per expert [E]).
+
+    Small E: a counting sort (a cumsum over one-hot ids) -- on CPU a comparator sort of 4,096 ids cost 0.58 ms
+    against 0.24 ms for the cumsum at E = 8; its O(M E) work loses past E = 16 (E = 64, M = 12,288: 4.0 vs
+    1.9 ms), where one stable argsort, inverted by a scatter, runs instead."""
+    M = flat_e_M.shape[0]
+    if num_experts <= COUNTING_SORT_UP_TO:
+        onehot_MxE = (flat_e_M[:, None] == jnp.arange(num_experts, dtype=jnp.int32)[None]).astype(jnp.int32)
+        csum_MxE = jnp.cumsum(onehot_MxE, axis=0)
+        return jnp.sum(csum_MxE * onehot_MxE, axis=1) - 1, csum_MxE[-1]
+    order = jnp.argsort(flat_e_M, stable=True)  # sorted position -> assignment
+    sizes_E = jnp.bincount(flat_e_M, length=num_experts).astype(jnp.int32)
+    position_M = jnp.zeros((M,), jnp.int32).at[order].set(jnp.arange(M, dtype=jnp.int32), unique_indices=True)
+    return position_M - (jnp.cumsum(sizes_E) - sizes_E)[flat_e_M], sizes_E
+
+
 def experts_tiled(x_NxD, gate_up_ExDx2I, down_ExIxD, topw_Nxk, topi_Nxk, tile: int | None = None,
                   unroll: bool = False):
     """Same contract as `moe.experts_ragged`: sum_j topw[n, j] * SwiGLU_{topi[n, j]}(x[n]), dropless."""
@@ -114,28 +134,19 @@ def experts_tiled(x_NxD, gate_up_ExDx2I, down_ExIxD, topw_Nxk, topi_Nxk, tile: i
     b = tile or tile_rows(M, E, unrolled=unroll)
     T = -(-M // b) + E  # enough tiles for any routing: each expert wastes < one tile
     flat_e = topi_Nxk.reshape(-1).astype(jnp.int32)
-    order = jnp.argsort(flat_e, stable=True)  # sorted position -> assignment
-    sizes_E = jnp.bincount(flat_e, length=E).astype(jnp.int32)
-    starts_E = jnp.cumsum(sizes_E) - sizes_E  # first sorted position of each expert
+    rank_M, sizes_E = expert_ranks(flat_e, E)
     tiles_E = (sizes_E + b - 1) // b
     tile_end_E = jnp.cumsum(tiles_E)
     tile_start_E = tile_end_E - tiles_E
     n_used = tile_end_E[-1]
     tile_e_T = jnp.minimum(jnp.searchsorted(tile_end_E, jnp.arange(T), side="right"), E - 1).astype(jnp.int32)
 
-    # Tile slot -> sorted position (gathers only; padding slots read row 0 and are zeroed).
-    slot_tile = jnp.arange(T * b) // b
-    slot_e = tile_e_T[slot_tile]
-    rank = jnp.arange(T * b) - tile_start_E[slot_e] * b
-    valid = (slot_tile < n_used) & (rank < sizes_E[slot_e])
-    src = jnp.where(valid, starts_E[slot_e] + rank, 0)
-    xs = jnp.where(valid[:, None], x_NxD[order[src] // k], 0).reshape(T, b, -1)
+    # Assignment -> its tile slot, and back (a scatter of M ids; padding slots read row 0 and are zeroed).
+    slot_M = tile_start_E[flat_e] * b + rank_M
+    src = jnp.full((T * b,), M, jnp.int32).at[slot_M].set(jnp.arange(M, dtype=jnp.int32), unique_indices=True)
+    valid = src < M
+    xs = jnp.where(valid[:, None], x_NxD[jnp.where(valid, src, 0) // k], 0).reshape(T, b, -1)
 
     ys = swiglu_tiles(unroll)(xs, tile_e_T, n_used, gate_up_ExDx2I, down_ExIxD).reshape(T * b, -1)
-
-    # Assignment -> its tile slot.
-    sorted_e = flat_e[order]
-    slot_of_sorted = tile_start_E[sorted_e] * b + jnp.arange(M) - starts_E[sorted_e]
-    slot_of = slot_of_sorted[jnp.argsort(order)]
-    y_NxkxD = ys[slot_of].reshape(N, k, -1)
+    y_NxkxD = ys[slot_M].reshape(N, k, -1)
     return jnp.einsum("nk,nkd->nd", topw_Nxk.astype(y_NxkxD.dtype), y_NxkxD)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from moegrok.model.config import MoeConfig
@@ -35,6 +36,14 @@ def rope_cos_sin(positions_BxT: jax.Array, head_dim: int, theta: float, dtype):
     freqs_BxTxH2 = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([freqs_BxTxH2, freqs_BxTxH2], axis=-1)
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def rope_tables(T: int, head_dim: int, theta: float, dtype):
+    """`rope_cos_sin` for positions 0..T-1 as NumPy constants [1, T, head_dim] (same float32 steps as HF)."""
+    inv_freq = np.float32(1.0) / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    freqs_TxH2 = np.arange(T, dtype=np.float32)[:, None] * inv_freq[None, :]
+    emb = np.concatenate([freqs_TxH2, freqs_TxH2], axis=-1)[None]
+    return np.cos(emb).astype(dtype), np.sin(emb).astype(dtype)
 
 
 def apply_rope(x_BxTxNxH: jax.Array, cos_BxTxH: jax.Array, sin_BxTxH: jax.Array) -> jax.Array:
