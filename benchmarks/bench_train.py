@@ -10,7 +10,8 @@ clip-by-global-norm, masked AdamW), on one device and data parallel over `--data
 loss includes `router_aux_loss_coef` x load balancing; HF has no z-loss, ours adds it), `clip_grad_norm_(1.0)` and
 `torch.optim.AdamW`, zero_grad / backward / step, at `--torch-threads` (default 2 = this box's cores; also 1, because
 on a shared box torch's OpenMP threads spin against other processes and a 2-thread step can be 100x slower).
-Times are medians over `--iters` steps after warm-up; the load average is printed before and after.
+Settings are timed in `--rounds` interleaved rounds (median step time per round; reported: the median over
+rounds and their range) and the ratios are taken round by round, so a drift of the machine's speed hits both sides.
 """
 from __future__ import annotations
 
@@ -51,8 +52,9 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=128)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=48)
-    ap.add_argument("--iters", type=int, default=30)
-    ap.add_argument("--hf-iters", type=int, default=15)
+    ap.add_argument("--iters", type=int, default=40, help="our steps timed per setting, over all rounds")
+    ap.add_argument("--hf-iters", type=int, default=20, help="HF steps timed per setting, over all rounds")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     ap.add_argument("--torch-threads", default="2,1", help="comma-separated torch thread counts to time HF at")
     ap.add_argument("--impls", default="dense,ragged,blocked", help="our moe_impl values to time")
     ap.add_argument("--probe-n", type=int, default=256, help="probe-set size for the routing-record share")
@@ -87,7 +89,9 @@ def main() -> None:
     print(f"config: L={args.layers} d={args.hidden} I={args.inter} E={args.experts} k={args.topk} "
           f"V={args.vocab}; batch {args.batch}x{args.seq}")
 
-    results = {}
+    # Every setting is timed in each of --rounds interleaved rounds (this VM's speed drifts by +-20% from minute to
+    # minute; interleaving exposes ours and HF to the same drift), and ratios are taken round by round.
+    settings = {}  # name -> (prepare, step)
     for impl in args.impls.split(","):
         # As configs/default.yaml: pad 0, no EOS (the default EOS id 50279 is outside a 128-token vocabulary).
         cfg = MoeConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.inter,
@@ -105,16 +109,11 @@ def main() -> None:
             t_j, m_j = shard_batch(tokens, mesh), shard_batch(mask, mesh)
             carry = [shard_state(state, mesh), shard_state(opt, mesh)]
 
-            def run():
+            def run(step=step, carry=carry, t_j=t_j, m_j=m_j):
                 carry[0], carry[1], m = step(carry[0], carry[1], t_j, m_j)
                 m["loss"].block_until_ready()
 
-            name = f"{impl}, {nd} device{'s' if nd > 1 else ''}"
-            results[name] = bench(run, 3, args.iters)
-            print(f"moegrok[{name}]  train step {results[name] * 1e3:8.2f} ms  {ntok / results[name]:10.0f} tok/s"
-                  f"  (load {loadavg()})", flush=True)
-    best_impl = min(results, key=results.get)
-    ours = results[best_impl]
+            settings[f"moegrok[{impl}, {nd} device{'s' if nd > 1 else ''}]"] = (lambda: None, run)
 
     hf_cfg = cfg.to_hf_config()
     hf_cfg.output_router_logits = True
@@ -130,19 +129,38 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
         opt_t.step()
 
-    theirs = {}
     for n in (int(t) for t in args.torch_threads.split(",")):
-        torch.set_num_threads(n)
-        theirs[n] = bench(run_hf, 3, args.hf_iters)
-        print(f"transformers[torch {n} thr] train step {theirs[n] * 1e3:8.2f} ms  {ntok / theirs[n]:10.0f} tok/s"
-              f"  (load {loadavg()})", flush=True)
-    for n, t in theirs.items():
-        print(f"ratio (ours/HF tokens/s, moegrok[{best_impl}] vs HF at torch {n} thread(s)): {t / ours:.2f}x")
-    best_n = min(theirs, key=theirs.get)
-    print(f"ratio vs HF's best setting here (torch {best_n} thread(s)): {theirs[best_n] / ours:.2f}x")
+        settings[f"transformers[torch {n} thr]"] = (lambda n=n: torch.set_num_threads(n), run_hf)
+
+    per_round = {name: [] for name in settings}
+    for name, (prepare, fn) in settings.items():  # compile / warm up
+        prepare()
+        for _ in range(3):
+            fn()
+    for _ in range(args.rounds):
+        for name, (prepare, fn) in settings.items():
+            prepare()
+            iters = args.iters if name.startswith("moegrok") else args.hf_iters
+            per_round[name].append(bench(fn, 1, max(1, iters // args.rounds)))
+    med = {name: float(np.median(v)) for name, v in per_round.items()}
+    for name, v in per_round.items():
+        print(f"{name:32s} train step {med[name] * 1e3:8.2f} ms  {ntok / med[name]:10.0f} tok/s  "
+              f"(rounds {min(v) * 1e3:.1f}-{max(v) * 1e3:.1f} ms)", flush=True)
+    ours_names = [n for n in med if n.startswith("moegrok")]
+    hf_names = [n for n in med if not n.startswith("moegrok")]
+    best_impl = min(ours_names, key=med.get)
+    ours = med[best_impl]
+    for n in hf_names:
+        r = np.array(per_round[n]) / np.array(per_round[best_impl])
+        print(f"ratio (ours/HF tokens/s, {best_impl} vs {n}): median over rounds {np.median(r):.2f}x "
+              f"(rounds {r.min():.2f}-{r.max():.2f}x)")
+    # HF's best setting per round (its faster thread count can change with the load).
+    r = np.min([per_round[n] for n in hf_names], axis=0) / np.array(per_round[best_impl])
+    print(f"ratio vs HF's best setting in each round: median {np.median(r):.2f}x (rounds {r.min():.2f}-{r.max():.2f}x)")
+    print(f"load average after timing: {loadavg()}")
 
     # Routing-record share: one probe record per checkpoint vs the steps between checkpoints.
-    cfg = cfg.replace(moe_impl=best_impl.split(",")[0])
+    cfg = cfg.replace(moe_impl=best_impl.split("[")[1].split(",")[0])
     model = MoeLM(cfg)
     ptok = rs.randint(0, args.vocab, (args.probe_n, args.seq)).astype(np.int32)
     pmask = np.ones_like(ptok, bool)
