@@ -141,6 +141,10 @@ def throughput(args) -> None:
     hf_med = min(med["HF torch 2 threads"], med["HF torch 1 thread"])
     print(f"    ours / HF (HF at its best thread count): best {hf_best / best[o]:.2f}x, median "
           f"{hf_med / med[o]:.2f}x (target >= 1.5x)")
+    per_round = np.minimum(times["HF torch 2 threads"], times["HF torch 1 thread"]) / np.array(times[o])
+    q1, q2, q3 = np.percentile(per_round, [25, 50, 75])
+    print(f"    ours / HF round by round (same round, HF's faster thread count): median {q2:.2f}x, "
+          f"quartiles {q1:.2f}-{q3:.2f}x")
     print(f"    load average before / after timing: {la0} / {la1}")
 
 
