@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moegrok.model.config import MoeConfig
-from moegrok.model.grouped import experts_tiled
+from moegrok.model.grouped import expert_ranks, experts_tiled
 from moegrok.model.layers import dtype_of, normal_param
 
 
@@ -65,16 +65,14 @@ def experts_blocked(x_NxD, gate_up_ExDx2I, down_ExIxD, topw_Nxk, topi_Nxk, block
     """Dropless block-sparse: group assignments by expert, pad each expert's run to a multiple of `block`, and run
     one batched matmul over blocks that each belong to a single expert. Work is N*k + E*block rows instead of
     the dense path's N*E, all in gathers and batched GEMMs, which XLA:CPU runs well (its `ragged_dot` lowering
-    computes every group densely). Positions come from a counting sort (a cumsum over one-hot ids), not `argsort`,
-    whose comparator sort is slow on CPU."""
+    computes every group densely). Positions within each expert come from `grouped.expert_ranks`."""
     N, k = topi_Nxk.shape
     E, D, I2 = gate_up_ExDx2I.shape
     M = N * k
     nb = -(-M // block) + E  # static bound on the number of blocks after per-expert padding
-    flat_e = topi_Nxk.reshape(-1)
-    onehot_MxE = jax.nn.one_hot(flat_e, E, dtype=jnp.int32)
-    rank_M = jnp.take_along_axis(jnp.cumsum(onehot_MxE, axis=0), flat_e[:, None], axis=1)[:, 0] - 1
-    padded_E = -(-jnp.sum(onehot_MxE, axis=0) // block) * block
+    flat_e = topi_Nxk.reshape(-1).astype(jnp.int32)
+    rank_M, sizes_E = expert_ranks(flat_e, E)
+    padded_E = -(-sizes_E // block) * block
     pend_E = jnp.cumsum(padded_E)
     dest_M = (pend_E - padded_E)[flat_e] + rank_M  # padded slot of each (token, slot) assignment
     src_P = jnp.full((nb * block,), N, jnp.int32).at[dest_M].set(jnp.arange(M, dtype=jnp.int32) // k)
