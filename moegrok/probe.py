@@ -199,9 +199,7 @@ def mean_token_nll(model: MoeLM, tokens_NxT: np.ndarray, mask_NxT: np.ndarray, b
 
 @_jit_on_state
 def _token_logprobs(model: MoeLM, moe_impl, tokens_BxT, mask_BxT):
-    logits = model(tokens_BxT, mask_BxT, moe_impl=moe_impl).logits[:, :-1]
-    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(lp, tokens_BxT[:, 1:, None], axis=-1)[..., 0]
+    return -token_nll(model(tokens_BxT, mask_BxT, moe_impl=moe_impl).logits, tokens_BxT)[0]
 
 
 def token_logprobs(model: MoeLM, tokens_NxT: np.ndarray, mask_NxT: np.ndarray, batch_size: int = 64) -> np.ndarray:

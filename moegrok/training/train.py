@@ -71,7 +71,7 @@ def make_mesh(cfg: TrainConfig):
     if jax.device_count() < n:
         raise MoegrokError(f"train config: mesh_data * mesh_expert = {n} devices, but only {jax.device_count()} "
                            f"are visible (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count={n} before JAX "
-                           f"starts; `moegrok train` and `moegrok study` set it)")
+                           f"starts; `moegrok train` and `moegrok run` set it)")
     # Auto axis types: the dropless routing uses gathers/sorts that Explicit sharding rejects.
     return jax.make_mesh((cfg.mesh_data, cfg.mesh_expert), ("data", "expert"),
                          axis_types=(jax.sharding.AxisType.Auto,) * 2)
