@@ -13,6 +13,7 @@ COMMAND_MODULES = [
     "moegrok.convert.cli",
     "moegrok.training.cli",
     "moegrok.analysis.cli",
+    "moegrok.analysis.benchmark",
     "moegrok.theory.cli",
     "moegrok.study",
     "moegrok.olmoe_pipeline",

@@ -9,12 +9,14 @@ tools) read them through :class:`RunDir` only. Layout::
                                 "d_model", "domains", "finished": bool}
       probes.jsonl             one line per probe sample, in record row order: {"id", "domain", "text"}
       tests.jsonl              one line per test item: {"id", "domain", "prompt", "answer"}
-      metrics.jsonl            training scalars, one JSON object per logged step (trainer only)
+      metrics.jsonl            training scalars, one JSON object per logged step (trainer only), and at each
+                               checkpoint {"step", "indicators": {name: {domain or "all": value}}}
       checkpoints/             orbax CheckpointManager directory: model, optimizer, data state (trainer only)
       records/step_000001000/  one directory per checkpoint, renamed into place when complete (atomic)
           probe.npz            the probe record, see PROBE_FIELDS
           eval.json            {"step", "val_loss": {domain: float},
-                                "test": {domain: {"accuracy": float, "ids": [...], "correct": [0/1 ...]}}}
+                                "test": {domain: {"accuracy": float, "ids": [...], "correct": [0/1 ...]}},
+                                "param_norms": {"all", "router", "experts", "attention"} (optional)}
 
 A ``records/`` entry whose name does not start with ``step_`` (e.g. a ``.tmp-*`` directory left by a crash) is
 ignored. Arrays are plain NumPy (``np.load`` reads them without pickle).
@@ -89,6 +91,7 @@ class EvalRecord:
     accuracy: dict[str, float]
     test_ids: dict[str, list]
     correct: dict[str, np.ndarray]
+    param_norms: dict[str, float] = dataclasses.field(default_factory=dict)  # optional: {"all", "router", ...}
 
 
 def validate_probe_arrays(arrays: Mapping[str, Any], where: str) -> dict[str, np.ndarray]:
@@ -114,10 +117,16 @@ def validate_probe_arrays(arrays: Mapping[str, Any], where: str) -> dict[str, np
     return out
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a file atomically: a temporary file beside it, then a rename."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
 def step_dirname(step: int) -> str:
@@ -243,6 +252,7 @@ class RunDir:
             accuracy={d: float(v["accuracy"]) for d, v in test.items()},
             test_ids={d: list(v["ids"]) for d, v in test.items()},
             correct={d: np.asarray(v["correct"], dtype=bool) for d, v in test.items()},
+            param_norms={k: float(v) for k, v in raw.get("param_norms", {}).items()},
         )
 
     @property
@@ -255,9 +265,17 @@ class RunDir:
         p = self.path / "tests.jsonl"
         return read_jsonl(p) if p.exists() else []
 
-    def metrics(self) -> list[dict]:
+    def _metrics_rows(self) -> list[dict]:
         p = self.path / "metrics.jsonl"
         return read_jsonl(p) if p.exists() else []
+
+    def metrics(self) -> list[dict]:
+        """Training scalars, one row per logged step."""
+        return [r for r in self._metrics_rows() if "indicators" not in r]
+
+    def live_indicators(self) -> dict[int, dict[str, dict[str, float]]]:
+        """What the trainer logged at each checkpoint: ``{step: {indicator: {domain or "all": value}}}``."""
+        return {int(r["step"]): r["indicators"] for r in self._metrics_rows() if "indicators" in r}
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r}, steps={self.steps})"

@@ -349,3 +349,58 @@ def test_checkpoint_schedule():
     assert checkpoint_steps(7500, TrainConfig(num_checkpoints=10)) == list(range(750, 7501, 750))
     assert checkpoint_steps(10, TrainConfig(num_checkpoints=3)) == [3, 7, 10]
     assert checkpoint_steps(25, TrainConfig(checkpoint_every=10)) == [10, 20, 25]
+
+
+def test_live_indicators_equal_what_moegrok_indicators_computes(tiny_run):
+    from moegrok.analysis.indicators import REGISTRY, run_indicators
+
+    rd = RunDir(tiny_run)
+    live = rd.live_indicators()
+    assert sorted(live) == rd.steps
+    steps, series = run_indicators(rd)
+    for name in REGISTRY:
+        for key, values in series[name].items():
+            np.testing.assert_allclose([live[s][name][key] for s in steps], values, rtol=1e-6, equal_nan=True,
+                                       err_msg=f"{name}/{key}")
+    assert all("indicators" not in m for m in rd.metrics())  # training scalars stay what they were
+    norms = rd.eval(40).param_norms
+    assert set(norms) == {"all", "router", "experts", "attention"} and norms["all"] > norms["experts"] > 0
+
+
+def test_fork_continues_the_same_epoch_with_new_optimizer_settings(tiny_run, tmp_path):
+    fork = tmp_path / "fork"
+    train(tiny_cfg("train.weight_decay=5.0"), fork, progress=False, log_sample_ids=True, fork=(tiny_run, 20))
+    rd, parent = RunDir(fork), RunDir(tiny_run)
+    assert rd.meta["parent"] == {"run_dir": str(tiny_run), "step": 20} and rd.finished
+    assert rd.steps == [10, 20, 30, 40] and rd.config["train"]["weight_decay"] == 5.0
+    # the epoch: parent's ids up to the fork + the fork's after it = every training sample once
+    rows = [json.loads(ln) for ln in (fork / "sample_ids.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    ids = [i for r in rows for i in r["ids"]]
+    parent_ids = [i for ln in (tiny_run / "sample_ids.jsonl").read_text().splitlines() for i in json.loads(ln)["ids"]]
+    assert len(ids) == len(set(ids)) and sorted(ids) == sorted(parent_ids)
+    # history up to the fork is the parent's; after it the stronger decay shrinks the weights
+    np.testing.assert_array_equal(rd.probe(20).route_probs, parent.probe(20).route_probs)
+    assert rd.eval(40).param_norms["all"] < parent.eval(40).param_norms["all"]
+    assert [m["step"] for m in rd.metrics()] == list(range(5, 41, 5))
+    # re-running is a resume of the fork (nothing left to do), not a second fork
+    train(tiny_cfg("train.weight_decay=5.0"), fork, progress=False, fork=(tiny_run, 20))
+    assert RunDir(fork).steps == [10, 20, 30, 40]
+
+
+@pytest.mark.parametrize("override, step, needle", [
+    ("data.seed=3", 20, "data.seed"),
+    ("train.weight_decay=5.0", 25, "no complete checkpoint at step 25"),
+])
+def test_bad_fork_is_refused_with_the_reason(tiny_run, tmp_path, override, step, needle):
+    with pytest.raises(MoegrokError, match=needle):
+        train(tiny_cfg(override), tmp_path / "f", progress=False, fork=(tiny_run, step))
+    assert not (tmp_path / "f" / "config.yaml").exists()
+
+
+def test_fork_flag_is_parsed():
+    from moegrok.training.train import parse_fork
+
+    assert parse_fork("runs/a@b@300") == (Path("runs/a@b"), 300)
+    with pytest.raises(MoegrokError, match="RUN_DIR@STEP"):
+        parse_fork("runs/a")

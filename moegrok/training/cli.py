@@ -14,6 +14,10 @@ def register(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--log-sample-ids", action="store_true",
                    help="append each step's training-sample ids to RUN_DIR/sample_ids.jsonl (audits one epoch)")
+    p.add_argument("--fork", metavar="RUN_DIR@STEP",
+                   help="start from another run's checkpoint at STEP with this config's optimizer settings (same "
+                        "data order, continuing the epoch); only train.{learning_rate, weight_decay, schedule, ...} "
+                        "may differ from the parent's config")
     p.add_argument("--distributed", action="store_true",
                    help="call jax.distributed.initialize() first (multi-host; see README 'Scaling out')")
     p.set_defaults(func=run)
@@ -21,15 +25,17 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from moegrok.training.config import load_config_file, request_host_devices
-    from moegrok.training.train import RunConfig, train
+    from moegrok.training.train import RunConfig, parse_fork, train
 
     cfg = RunConfig.from_dict(load_config_file(args.config, args.overrides))
+    fork = parse_fork(args.fork) if args.fork else None
     if args.distributed:
         import jax
 
         jax.distributed.initialize()
     else:  # one host: a CPU is split into as many XLA devices as the mesh asks for
         request_host_devices(cfg.train.mesh_devices)
-    train(cfg, args.run_dir, progress=not args.no_progress, log_sample_ids=args.log_sample_ids)
+    train(cfg, args.run_dir, progress=not args.no_progress, log_sample_ids=args.log_sample_ids,
+          fork=fork)
     print(f"run directory: {args.run_dir}")
     return 0

@@ -13,7 +13,9 @@ import functools
 import json
 import math
 import os
+import shutil
 import time
+import types
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,6 +29,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moegrok import rundir
+from moegrok.analysis import indicators
+from moegrok.analysis.indicators import param_norms
 from moegrok.errors import MoegrokError
 from moegrok.model.config import MoeConfig
 from moegrok.model.model import MoeLM, get_params, lm_loss_stats, set_params
@@ -192,7 +196,7 @@ def restore_checkpoint(mngr, step: int, model: MoeLM, opt_state):
 
 
 # ----------------------------------------------------------------------------------------------- run directory
-def prepare_run_dir(run_dir: Path, cfg: RunConfig, corpus) -> bool:
+def prepare_run_dir(run_dir: Path, cfg: RunConfig, corpus, extra_meta: dict | None = None) -> bool:
     """Create or validate the run directory. Returns True if it already holds this run (resume)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = run_dir / "config.yaml"
@@ -215,7 +219,7 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig, corpus) -> bool:
                       num_experts=cfg.model.num_experts, top_k=cfg.model.num_experts_per_tok,
                       d_model=cfg.model.hidden_size, domains=list(corpus.domains),
                       total_steps=int(corpus_steps(corpus, cfg.train)), finished=False,
-                      data_fingerprint=corpus.fingerprint, corpus=corpus.summary())
+                      data_fingerprint=corpus.fingerprint, corpus=corpus.summary(), **(extra_meta or {}))
     tmp = cfg_path.with_suffix(".yaml.tmp")
     tmp.write_text(yaml.safe_dump(resolved, sort_keys=True))
     os.replace(tmp, cfg_path)  # last: a directory with config.yaml is a complete run start
@@ -247,6 +251,60 @@ def _truncate_jsonl(path: Path, max_step: int) -> None:
     os.replace(tmp, path)
 
 
+# ----------------------------------------------------------------------------------------------- forks
+# Train-section fields a fork may change: the optimizer and how the run is executed. Everything else (model, data,
+# seed, checkpoint schedule) must equal the parent's, so the fork continues the same epoch at the same step.
+FORKABLE = ("learning_rate", "weight_decay", "schedule", "min_lr_ratio", "warmup_steps", "b1", "b2", "eps",
+            "clip_norm", "mesh_data", "mesh_expert", "log_every", "eval_batch_size", "tensorboard")
+
+
+def parse_fork(spec: str) -> tuple[Path, int]:
+    """`RUN_DIR@STEP` -> (path, step)."""
+    path, sep, step = str(spec).rpartition("@")
+    if not sep or not path or not step.isdigit():
+        raise MoegrokError(f"--fork {spec!r}: expected RUN_DIR@STEP, e.g. runs/default@2250")
+    return Path(path), int(step)
+
+
+def check_fork(parent: Path, step: int, cfg: RunConfig) -> None:
+    """The parent holds a checkpoint at `step` and a config this fork may continue."""
+    from moegrok.rundir import RunDir
+
+    rd = RunDir(parent)
+    ckpt = parent / "checkpoints" / str(step)
+    if not ckpt.is_dir() or step not in rd.steps:
+        have = sorted(int(p.name) for p in (parent / "checkpoints").iterdir() if p.name.isdigit()) \
+            if (parent / "checkpoints").is_dir() else []
+        raise MoegrokError(f"--fork {parent}@{step}: no complete checkpoint at step {step} in {parent} "
+                           f"(checkpoints: {have})")
+    old, new = rd.config, cfg.to_dict()
+    diffs = [d for d in _dict_diff(old, new) if not any(d.startswith(f"train.{f}:") for f in FORKABLE)]
+    if diffs:
+        raise MoegrokError(f"--fork {parent}@{step}: a fork may change only train.{{{', '.join(FORKABLE)}}}; "
+                           f"this config also changes {'; '.join(diffs[:6])}")
+
+
+def copy_fork_history(parent: Path, step: int, run_dir: Path) -> None:
+    """Put the parent's history up to `step` into a new run directory: records, logged rows, the checkpoint."""
+    records = run_dir / rundir.RECORDS
+    for name in ("checkpoints", rundir.RECORDS):
+        shutil.rmtree(run_dir / name, ignore_errors=True)  # leftovers of a fork attempt that crashed
+    records.mkdir(parents=True)
+    for src in sorted((parent / rundir.RECORDS).glob("step_*")):
+        if int(src.name[5:]) <= step:
+            shutil.copytree(src, records / src.name)
+    for name in ("metrics.jsonl", "sample_ids.jsonl"):
+        if (parent / name).exists():
+            rows = [ln for ln in (parent / name).read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= step]
+            rundir.write_text(run_dir / name, "".join(ln + "\n" for ln in rows))
+    tmp = run_dir / f".fork-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(parent / "checkpoints" / str(step), tmp)
+    (run_dir / "checkpoints").mkdir()
+    os.rename(tmp, run_dir / "checkpoints" / str(step))
+
+
 # ----------------------------------------------------------------------------------------------- evaluation
 def evaluate(model: MoeLM, corpus, batch_size: int) -> tuple[dict, dict]:
     probes = corpus.probe_set()
@@ -266,8 +324,14 @@ def evaluate(model: MoeLM, corpus, batch_size: int) -> tuple[dict, dict]:
 
 # ----------------------------------------------------------------------------------------------- main loop
 def train(cfg: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
-          log_sample_ids: bool = False, on_step: Callable[[int], None] | None = None) -> Path:
-    """Train one epoch into `run_dir`, resuming if it holds checkpoints of the same config."""
+          log_sample_ids: bool = False, on_step: Callable[[int], None] | None = None,
+          fork: tuple[str | os.PathLike, int] | None = None) -> Path:
+    """Train one epoch into `run_dir`, resuming if it holds checkpoints of the same config.
+
+    ``fork=(parent_run_dir, step)`` starts a new run from the parent's checkpoint at ``step`` with this config's
+    optimizer settings (see FORKABLE): same data order, continuing the epoch at that step; the parent's records up to
+    ``step`` are copied so the fork's run directory holds its whole trajectory, and ``meta.json`` names the parent.
+    """
     from moegrok.data import build_corpus
 
     run_dir = Path(run_dir)
@@ -281,7 +345,19 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
         raise MoegrokError(f"train config: field 'mesh_data' ({tcfg.mesh_data}) must divide the batch's "
                            f"{batch_rows} rows (documents per step, all domains)")
     mesh = make_mesh(tcfg)  # before the run directory is touched: a bad mesh leaves nothing to clean up
-    prepare_run_dir(run_dir, cfg, corpus)
+    extra_meta = None
+    if fork is not None:
+        parent, fork_step = Path(fork[0]), int(fork[1])
+        extra_meta = {"parent": {"run_dir": str(parent), "step": fork_step}}
+        if (run_dir / "config.yaml").exists():  # the fork started before: resume it
+            had = json.loads((run_dir / "meta.json").read_text()).get("parent")
+            if had != extra_meta["parent"]:
+                raise MoegrokError(f"{run_dir} already holds a run forked from {had}, not {parent}@{fork_step}; "
+                                   "use a new --run-dir")
+        else:
+            check_fork(parent, fork_step, cfg)
+            copy_fork_history(parent, fork_step, run_dir)
+    prepare_run_dir(run_dir, cfg, corpus, extra_meta)
     num_steps = corpus_steps(corpus, tcfg)
     ckpt_steps = set(checkpoint_steps(num_steps, tcfg))
 
@@ -349,13 +425,24 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
                 if ids_f is not None:
                     ids_f.flush()
                     os.fsync(ids_f.fileno())
+                ev["param_norms"] = param_norms(get_params(model))
                 rundir.write_record(run_dir, step, record, ev)
+                # The live monitor: the same registry `moegrok indicators` evaluates afterwards. Logged before the
+                # checkpoint, so a resume from it never lacks the row (rows after a resumed step are dropped).
+                live = indicators.compute(
+                    indicators.Checkpoint(step, types.SimpleNamespace(**{k: np.asarray(v) for k, v in record.items()}),
+                                          ev["val_loss"], ev["param_norms"]), corpus.domains)
+                metrics_f.write(json.dumps({"step": step, "indicators": live}) + "\n")
+                metrics_f.flush()
                 save_checkpoint(mngr, step, model, opt_state)
                 if tb is not None:
                     for d, v in ev["val_loss"].items():
                         tb.add_scalar(f"val_loss/{d}", v, step)
                     for d, v in ev["test"].items():
                         tb.add_scalar(f"test_accuracy/{d}", v["accuracy"], step)
+                    for name, vals in live.items():
+                        for d, v in vals.items():
+                            tb.add_scalar(f"indicators/{name}/{d}", v, step)
                 if bar is not None:
                     acc = " ".join(f"{d}={v['accuracy']:.2f}" for d, v in ev["test"].items())
                     bar.write(f"step {step}: checkpoint; test accuracy {acc}")
