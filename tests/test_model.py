@@ -10,7 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flax import nnx
+
 from moegrok.convert.hf import load_olmoe
+from moegrok.errors import MoegrokError
 from moegrok.model.config import MoeConfig
 from moegrok.model.grouped import COUNTING_SORT_UP_TO, expert_ranks, experts_tiled, tile_rows
 from moegrok.model.model import MoeLM, get_params, lm_loss, set_params, token_nll
@@ -302,3 +305,64 @@ def test_model_dense_and_ragged_agree_with_gradients():
     assert np.abs(np.asarray(lgd) - np.asarray(lgr)).max() <= 1e-5
     for a, b in zip(jax.tree.leaves(gd), jax.tree.leaves(gr)):
         assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------- controlled-study options
+def small_cfg(**kw):
+    return MoeConfig(vocab_size=40, hidden_size=16, intermediate_size=12, num_hidden_layers=2, num_attention_heads=2,
+                     num_experts=4, num_experts_per_tok=2, max_position_embeddings=12, moe_impl="dense", **kw)
+
+
+def test_attention_without_qk_norm_or_rope_equals_torch_sdpa():
+    import torch
+
+    from moegrok.model.layers import Attention
+
+    cfg = small_cfg(qk_norm=False, position_embedding="learned")
+    attn = Attention(cfg, nnx.Rngs(0))
+    assert attn.q_norm is None and attn.k_norm is None
+    x = np.random.default_rng(0).normal(size=(3, 7, 16)).astype(np.float32)
+    ours = np.asarray(attn(jnp.asarray(x), None, None, None))
+    B, T, D, H, hd = 3, 7, 16, 2, 8
+    tx = torch.from_numpy(x)
+    q, k, v = (tx @ torch.from_numpy(np.asarray(w[...])) for w in (attn.wq, attn.wk, attn.wv))
+    q, k, v = (a.reshape(B, T, H, hd).transpose(1, 2) for a in (q, k, v))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    ref = ref.transpose(1, 2).reshape(B, T, D) @ torch.from_numpy(np.asarray(attn.wo[...]))
+    np.testing.assert_allclose(ours, ref.numpy(), atol=2e-6)
+
+
+def test_learned_positions_are_what_breaks_permutation_symmetry():
+    # one layer: without positions its last output attends to the *set* of earlier tokens
+    model = MoeLM(small_cfg(position_embedding="learned", qk_norm=False).replace(num_hidden_layers=1), seed=1)
+    assert model.pos_embed[...].shape == (12, 16)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(2, 40, size=(1, 8)))
+    perm = jnp.concatenate([tokens[:, :7][:, ::-1], tokens[:, 7:]], axis=1)  # earlier tokens reversed, last kept
+    last = lambda m, t: np.asarray(m(t).logits[0, -1])  # noqa: E731
+    assert np.abs(last(model, tokens) - last(model, perm)).max() > 1e-4  # positions are seen
+    model.pos_embed[...] = jnp.zeros_like(model.pos_embed[...])
+    # no positional signal left: causal attention is a set function of the prefix, so the last logits stay
+    np.testing.assert_allclose(last(model, tokens), last(model, perm), atol=1e-5)
+
+
+def test_learned_position_row_only_affects_later_positions():
+    model = MoeLM(small_cfg(position_embedding="learned"), seed=2)
+    tokens = jnp.asarray(np.random.default_rng(2).integers(2, 40, size=(2, 9)))
+    before = np.asarray(model(tokens).logits)
+    model.pos_embed[...] = model.pos_embed[...].at[5].add(0.5)
+    after = np.asarray(model(tokens).logits)
+    np.testing.assert_array_equal(before[:, :5], after[:, :5])
+    assert np.abs(before[:, 5:] - after[:, 5:]).min(axis=-1).max() > 0
+    with pytest.raises(MoegrokError, match="max_position_embeddings"):
+        model(jnp.zeros((1, 13), jnp.int32))
+
+
+def test_non_olmoe_options_refuse_conversion(tmp_path):
+    from moegrok.convert.hf import save_olmoe
+
+    for kw, needle in (({"position_embedding": "learned"}, "position_embedding"), ({"qk_norm": False}, "qk_norm")):
+        with pytest.raises(MoegrokError, match=needle):
+            save_olmoe(MoeLM(small_cfg(**kw)), tmp_path / "hf")
+        assert not (tmp_path / "hf").exists()
+    with pytest.raises(MoegrokError, match="position_embedding"):
+        small_cfg(position_embedding="alibi")

@@ -464,6 +464,7 @@ def save_olmoe(model, path: str | os.PathLike, max_shard_size: int | str = "5GB"
     from moegrok.model.model import get_params
 
     cfg: MoeConfig = model.cfg
+    cfg.to_hf_config()  # refuses configs that are not OLMoE's architecture, before anything is written
     out_dtype = dtype or cfg.param_dtype
     if out_dtype not in DTYPES:
         raise MoegrokError(f"dtype must be one of {DTYPES} or None, got {out_dtype!r}")

@@ -8,6 +8,7 @@ from moegrok.errors import MoegrokError
 
 MOE_IMPLS = ("dense", "ragged", "blocked")
 DTYPES = ("float32", "bfloat16")
+POSITION_EMBEDDINGS = ("rope", "learned")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +41,10 @@ class MoeConfig:
     # Not in OlmoeConfig: how we compute.
     dtype: str = "float32"  # activations / matmul dtype
     param_dtype: str = "float32"
+    # Controlled-study options, off by default (the defaults are OLMoE; a model with any of them on has no HF OLMoE
+    # counterpart and refuses conversion): GPT-2-style learned absolute positions instead of RoPE, and no QK-norm.
+    position_embedding: str = "rope"  # "rope" | "learned" (a [max_position_embeddings, hidden] table added to x)
+    qk_norm: bool = True
     moe_impl: str = "ragged"  # "dense" (all experts: the reference), "ragged" (sort + lax.ragged_dot) or
     # "blocked" (sort + per-expert padded blocks + batched GEMM); all dropless and equal to each other
 
@@ -65,7 +70,11 @@ class MoeConfig:
         if self.hidden_size % self.num_attention_heads:
             bad("hidden_size", f"({self.hidden_size}) must be divisible by num_attention_heads "
                                f"({self.num_attention_heads})")
-        if self.head_dim % 2:
+        if self.position_embedding not in POSITION_EMBEDDINGS:
+            bad("position_embedding", f"must be one of {POSITION_EMBEDDINGS}, got {self.position_embedding!r}")
+        if not isinstance(self.qk_norm, bool):
+            bad("qk_norm", f"must be true or false, got {self.qk_norm!r}")
+        if self.position_embedding == "rope" and self.head_dim % 2:
             bad("hidden_size", f"/ num_attention_heads = head_dim {self.head_dim} must be even for RoPE")
         if self.num_attention_heads % self.num_key_value_heads:
             bad("num_key_value_heads", f"({self.num_key_value_heads}) must divide num_attention_heads "
@@ -132,7 +141,20 @@ class MoeConfig:
         kw.update(overrides)
         return cls(**kw)
 
+    def olmoe_incompatibilities(self) -> list[str]:
+        """The fields set away from OLMoE's architecture (no Hugging Face OLMoE model can hold such weights)."""
+        out = []
+        if self.position_embedding != "rope":
+            out.append(f"position_embedding={self.position_embedding!r}")
+        if not self.qk_norm:
+            out.append("qk_norm=false")
+        return out
+
     def to_hf_config(self):
+        bad = self.olmoe_incompatibilities()
+        if bad:
+            raise MoegrokError(f"model config: {', '.join(bad)} has no Hugging Face OLMoE counterpart; only "
+                               "OLMoE-architecture models convert")
         from transformers import OlmoeConfig as HFOlmoeConfig
 
         return HFOlmoeConfig(

@@ -53,7 +53,8 @@ def apply_rope(x_BxTxNxH: jax.Array, cos_BxTxH: jax.Array, sin_BxTxH: jax.Array)
 
 
 class Attention(nnx.Module):
-    """Causal multi-head attention; RMSNorm over the whole q and k projections (all heads) before the head split."""
+    """Causal multi-head attention; RMSNorm over the whole q and k projections (all heads) before the head split
+    (unless `qk_norm` is off), then RoPE (unless the model uses learned positions)."""
 
     def __init__(self, cfg: MoeConfig, rngs: nnx.Rngs):
         pd = dtype_of(cfg.param_dtype)
@@ -64,8 +65,8 @@ class Attention(nnx.Module):
         self.wk = normal_param(rngs, (D, nkv * hd), std, pd)
         self.wv = normal_param(rngs, (D, nkv * hd), std, pd)
         self.wo = normal_param(rngs, (nq * hd, D), std, pd)
-        self.q_norm = RMSNorm(nq * hd, cfg.rms_norm_eps, pd)
-        self.k_norm = RMSNorm(nkv * hd, cfg.rms_norm_eps, pd)
+        self.q_norm = RMSNorm(nq * hd, cfg.rms_norm_eps, pd) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(nkv * hd, cfg.rms_norm_eps, pd) if cfg.qk_norm else None
         self.nq, self.nkv, self.hd = nq, nkv, hd
         self.clip_qkv = cfg.clip_qkv
 
@@ -78,11 +79,13 @@ class Attention(nnx.Module):
         w_qkv = jnp.concatenate([self.wq[...], self.wk[...], self.wv[...]], axis=1).astype(dt)
         qkv = x_BxTxD.reshape(B * T, D) @ w_qkv
         q, k, v = jnp.split(qkv, [nq * hd, (nq + nkv) * hd], axis=1)
-        q, k = self.q_norm(q), self.k_norm(k)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:
             q, k, v = (jnp.clip(a, -self.clip_qkv, self.clip_qkv) for a in (q, k, v))
-        q = apply_rope(q.reshape(B, T, nq, hd), cos, sin)
-        k = apply_rope(k.reshape(B, T, nkv, hd), cos, sin)
+        q, k = q.reshape(B, T, nq, hd), k.reshape(B, T, nkv, hd)
+        if cos is not None:  # None: positions come from a learned table added to the input instead
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = v.reshape(B, T, nkv, hd)
         if nq != nkv:  # grouped-query attention: each kv head serves nq / nkv query heads (HF's repeat_kv)
             k, v = (jnp.repeat(a, nq // nkv, axis=2) for a in (k, v))

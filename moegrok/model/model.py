@@ -47,6 +47,8 @@ class MoeLM(nnx.Module):
         pd = dtype_of(cfg.param_dtype)
         self.cfg = cfg
         self.embed = normal_param(rngs, (cfg.vocab_size, cfg.hidden_size), cfg.initializer_range, pd)
+        self.pos_embed = normal_param(rngs, (cfg.max_position_embeddings, cfg.hidden_size), cfg.initializer_range,
+                                      pd) if cfg.position_embedding == "learned" else None
         self.layers = nnx.List([DecoderLayer(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
         self.lm_head = None if cfg.tie_word_embeddings else \
@@ -57,7 +59,15 @@ class MoeLM(nnx.Module):
         cfg = self.cfg
         dt = dtype_of(cfg.dtype)
         B, T = tokens_BxT.shape
-        if positions_BxT is None:
+        x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(dt)
+        if self.pos_embed is not None:
+            if T > cfg.max_position_embeddings:
+                raise MoegrokError(f"sequence length {T} exceeds model field 'max_position_embeddings' "
+                                   f"({cfg.max_position_embeddings}) of the learned position table")
+            pos = jnp.arange(T)[None] if positions_BxT is None else positions_BxT
+            x = x + jnp.take(self.pos_embed[...], pos, axis=0).astype(dt)
+            cos = sin = None
+        elif positions_BxT is None:
             # Constants, not ops: XLA:CPU fuses cos/sin into every q/k RoPE fusion (per head, per layer) and
             # recomputes them there; as tables the routing-capture forward ran 95 -> 86 ms (default positions).
             cos, sin = rope_tables(T, cfg.head_dim, cfg.rope_theta, dt)
@@ -65,7 +75,6 @@ class MoeLM(nnx.Module):
             cos, sin = rope_cos_sin(positions_BxT, cfg.head_dim, cfg.rope_theta, dt)
         if mask_BxT is not None:
             mask_BxT = mask_BxT.astype(bool)
-        x = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(dt)
         router_logits = []
         for layer in self.layers:
             x, rl = layer(x, cos, sin, mask_BxT, moe_impl)
