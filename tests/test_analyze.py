@@ -279,3 +279,19 @@ def test_errors_are_clean(tmp_path, capsys):
     assert "no complete checkpoint record" in capsys.readouterr().err
     assert main(["analyze", str(run), "--tau", "1.5"]) == 1
     assert "--tau must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_lag_figure_draws_the_most_similar_positive_lags():
+    from moegrok.analysis.figures import lag_pairs_to_draw
+    from moegrok.analysis.generalization import LagPair
+
+    def pair(p, q, sim):
+        return LagPair("math", p, q, 100 * p, 100 * q, sim, 3, 4)
+
+    pairs = [pair(1, 3, 0.5), pair(2, 1, 0.99), pair(1, 6, 0.7), pair(4, 4, 0.95), pair(2, 5, 0.7), pair(0, 2, 0.6),
+             pair(3, 9, 0.2)]
+    drawn = lag_pairs_to_draw(pairs)
+    # negative and zero lags are left out; 0.7 twice: the longer lag (500 steps) first
+    assert [(p.train_index, p.test_index) for p in drawn] == [(1, 6), (2, 5), (0, 2), (1, 3)]
+    assert lag_pairs_to_draw(pairs, 2) == drawn[:2]
+    assert lag_pairs_to_draw([pair(2, 1, 0.9)]) == []

@@ -87,36 +87,63 @@ def fig_memorized_vs_accuracy(a: Analysis, path: Path) -> tuple[Path, str]:
     return _per_domain(a, path, "Memorized probe samples vs test accuracy", "memorized samples (count)", panel)
 
 
-def fig_lag(a: Analysis, path: Path) -> tuple[Path, str]:
-    d = a.data
-    colors = _colors()
+LAG_PANELS = 4  # pairs drawn per domain, as the paper's Figure 2; every pair is in lag.csv
 
-    def panel(ax, dr: DomainResult) -> str:
-        ax.set_title(dr.domain)
-        if not dr.pairs:
-            _na_text(ax, dr.pair_note or "n/a: no matched groups")
-            return f"{dr.domain}: {dr.pair_note or 'no matched groups'}"
-        ax2 = ax.twinx()
-        ax2.set_ylabel("accuracy of Test@q (dashed)")
-        ax2.set_ylim(-0.02, 1.02)
-        for i, p in enumerate(dr.pairs):
+
+def lag_pairs_to_draw(pairs, n: int = LAG_PANELS):
+    """The `n` matched pairs with a positive lag and the highest train/test similarity (ties: longer lag first)."""
+    pos = [p for p in pairs if p.lag_steps > 0]
+    return sorted(pos, key=lambda p: (-p.similarity, -p.lag_steps, p.train_step))[:n]
+
+
+def fig_lag(a: Analysis, path: Path) -> tuple[Path, str]:
+    """One row per domain, one panel per drawn pair: Train@p's mean probe loss (solid) and Test@q's accuracy
+    (dashed), the lag as an arrow between the two checkpoints."""
+    d = a.data
+    plt = _plt()
+    colors = _colors()
+    n_rows = max(len(a.domains), 1)
+    fig, axes = plt.subplots(n_rows, LAG_PANELS, figsize=(3.4 * LAG_PANELS, 2.7 * n_rows), squeeze=False)
+    fig.suptitle(f"Train@p (probe loss, solid) → Test@q (accuracy, dashed): the {LAG_PANELS} most similar matched "
+                 "pairs with a positive lag per domain (all pairs: lag.csv)", fontsize=10)
+    reading = []
+    for row, dr in zip(axes, a.domains):
+        drawn = lag_pairs_to_draw(dr.pairs)
+        if not drawn:
+            why = dr.pair_note or ("no matched pair with a positive lag" if dr.pairs else "no matched groups")
+            _na_text(row[0], f"{dr.domain}: {why}")
+            reading.append(f"{dr.domain}: {why}")
+        for ax in row[max(len(drawn), 1):]:
+            ax.axis("off")
+        for i, (ax, p) in enumerate(zip(row, drawn)):
             col = colors[i % len(colors)]
             mem = dr.sample_idx[dr.t_star == p.train_index]
-            ax.plot(d.steps, d.loss_TxN[:, mem].mean(axis=1), "-", color=col)
             items = np.flatnonzero(dr.t_hash == p.test_index)
-            ax2.plot(d.steps, d.correct[dr.domain][:, items].mean(axis=1), "--", color=col)
+            ax.plot(d.steps, d.loss_TxN[:, mem].mean(axis=1), "-", color=col)
+            ax2 = ax.twinx()
+            ax2.plot(d.steps, d.correct[dr.domain][:, items].mean(axis=1), "--", color="k", lw=1)
+            ax2.set_ylim(-0.02, 1.02)
+            y = ax.get_ylim()[1] * 0.85
+            ax.annotate("", xy=(p.test_step, y), xytext=(p.train_step, y), arrowprops={"arrowstyle": "->"})
             ax.axvline(p.train_step, color=col, ls=":", lw=1)
-            ax.axvline(p.test_step, color=col, ls=":", lw=1)
-            y = ax.get_ylim()[1] * (0.9 - 0.08 * (i % 8))
-            ax.annotate("", xy=(p.test_step, y), xytext=(p.train_step, y),
-                        arrowprops={"arrowstyle": "->", "color": col})
-            ax.text((p.train_step + p.test_step) / 2, y, f"lag {p.lag_steps}", color=col, ha="center",
-                    va="bottom", fontsize=8)
-        lags = ", ".join(f"Train@{p.train_step}→Test@{p.test_step} ({p.lag_steps:+d})" for p in dr.pairs)
-        return f"{dr.domain}: {lags}"
-
-    return _per_domain(a, path, "Train@p (loss) → Test@q (accuracy) with the grokking lag",
-                       "mean probe loss of Train@p (solid)", panel, lead="Matched groups and lags in steps — ")
+            ax.axvline(p.test_step, color="k", ls=":", lw=1)
+            ax.set_title(f"{dr.domain}: Train@{p.train_step} → Test@{p.test_step}\n"
+                         f"lag {p.lag_steps} steps, sim {p.similarity:.2f}, n {p.n_train}/{p.n_test}", fontsize=8)
+            ax.set_xlabel("training step", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax2.tick_params(labelsize=7)
+            if i == 0:
+                ax.set_ylabel("probe loss of Train@p", fontsize=8)
+            if i == len(drawn) - 1:
+                ax2.set_ylabel("accuracy of Test@q", fontsize=8)
+        if drawn:
+            reading.append(f"{dr.domain}: " + ", ".join(f"Train@{p.train_step}→Test@{p.test_step} "
+                                                         f"({p.lag_steps:+d})" for p in drawn))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path, "Most similar matched groups with a positive lag, in steps — " + "; ".join(reading) + "."
 
 
 def fig_distance_vs_loss(a: Analysis, path: Path) -> tuple[Path, str]:
