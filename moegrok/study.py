@@ -64,6 +64,24 @@ def training_figure(run_dir: Path, out: Path) -> Path | None:
     return out
 
 
+def transitions_section(rd) -> list[str]:
+    """Each domain judged by the late-and-sharp definition (docs/METHOD.md §9)."""
+    from moegrok.analysis.benchmark import transitions_table, twin_domains
+    from moegrok.analysis.transition import run_transitions
+
+    if not rd.steps:
+        return []
+    tr = run_transitions(rd)
+    twins = twin_domains(rd.meta)
+    late = [d for d, t in tr.items() if t.late_sharp]
+    twin_gen = [d for d in twins if d in tr and tr[d].gain > 0.1]
+    return ["## Late, sharp transitions (docs/METHOD.md §9)", "",
+            f"Late and sharp in: {', '.join(late) if late else 'no domain'}."
+            + (f" Rule-free twins that gained > 0.1 accuracy after memorizing (should not happen): "
+               f"{', '.join(twin_gen)}." if twin_gen else ""), "",
+            *(f"- {t.describe()}" for t in tr.values()), "", transitions_table([(rd.path.name, tr, twins)]), ""]
+
+
 def _reroot(markdown: str, prefix: str) -> str:
     """Make a sub-report's relative links and images resolve from the run directory."""
     return re.sub(r"\]\((?!https?://|/)([^)]+)\)", lambda m: f"]({prefix}/{m.group(1)})", markdown)
@@ -91,6 +109,7 @@ def write_report(run_dir: Path, timings: dict[str, float]) -> Path:
         lines += ["![Training loss and test accuracy](figures/training.png)", "",
                   "*Training loss and held-out accuracy per domain.* A domain whose accuracy keeps rising after "
                   "the loss has flattened is the paper's local grokking.", ""]
+    lines += transitions_section(rd)
     lines += ["## Where the paper's figures are", "", "| paper | what | this run |", "|---|---|---|"]
     lines += [f"| {a} | {b} | [{c}]({c}) |" for a, b, c in PAPER_MAP]
     lines.append("")

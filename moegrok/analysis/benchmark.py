@@ -83,7 +83,8 @@ class RunInfo:
     parent: dict | None
 
 
-def _twins(meta: Mapping) -> set[str]:
+def twin_domains(meta: Mapping) -> set[str]:
+    """The rule-free twins of a run (its corpus summary, else the `<kind>_twin` naming)."""
     doms = (meta.get("corpus") or {}).get("domains") or {}
     out = {d for d, v in doms.items() if isinstance(v, Mapping) and v.get("twin")}
     return out | {d for d in meta.get("domains", []) if d.endswith("_twin")}
@@ -101,7 +102,7 @@ def load_runs(paths: Sequence[str | os.PathLike], progress: bool = True) -> list
         name = rd.path.name if rd.path.name not in names else str(rd.path)
         names.add(name)
         steps, series = ind.run_indicators(rd, progress=progress)
-        runs.append(RunInfo(name, rd.path, steps, run_transitions(rd), series, _twins(rd.meta),
+        runs.append(RunInfo(name, rd.path, steps, run_transitions(rd), series, twin_domains(rd.meta),
                             rd.meta.get("parent")))
     return runs
 
@@ -212,12 +213,13 @@ def write_csv(path: Path, rows: Sequence[Mapping], fields: Sequence[str]) -> Non
     write_text(path, buf.getvalue())
 
 
-def transitions_table(runs: Sequence[RunInfo]) -> str:
+def transitions_table(runs: Sequence[tuple[str, Mapping[str, Transition], set[str]]]) -> str:
+    """Markdown table of (run name, {domain: Transition}, twin domains) entries."""
     lines = ["| run | domain | memorized at step | gain G | 10 % point (step) | delay (ckpts) | 10-90 % rise | "
              "late and sharp |", "|---|---|---|---|---|---|---|---|"]
-    for r in runs:
-        for d, t in r.transitions.items():
-            lines.append(f"| {r.name} | {d}{' (twin)' if d in r.twins else ''} | {_fmt(t.t_mem_step)} | "
+    for name, transitions, twins in runs:
+        for d, t in transitions.items():
+            lines.append(f"| {name} | {d}{' (twin)' if d in twins else ''} | {_fmt(t.t_mem_step)} | "
                          f"{_fmt(t.gain, '+.2f')} | {_fmt(t.onset_step)} | {_fmt(t.delay)} | "
                          f"{_fmt(t.rise_frac, '.0%')} | {'**yes**' if t.late_sharp else 'no'} |")
     return "\n".join(lines)
@@ -248,7 +250,8 @@ def markdown(runs: Sequence[RunInfo], summary: Sequence[dict]) -> str:
             f"{_fmt(s['frac_leading'], '.0%')} | {_fmt(s['sign_p'], '.3g')} ({s['sign_k']}/{s['sign_n']}) | "
             f"{_fmt(s['auroc_twin'])} ({s['n_pos']}/{s['n_twin']}) | {_fmt(s['auroc_all'])} | "
             f"{_fmt(s['fork_slope'])}, {_fmt(s['fork_r'])} ({s['fork_n']}) |")
-    lines += ["", "## Transitions", "", transitions_table(runs), "",
+    lines += ["", "## Transitions", "",
+              transitions_table([(r.name, r.transitions, r.twins) for r in runs]), "",
               "## Figures", "", "![aligned](figures/aligned.png)", "", "![leads](figures/leads.png)", ""]
     return "\n".join(lines)
 

@@ -429,10 +429,12 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
                 rundir.write_record(run_dir, step, record, ev)
                 # The live monitor: the same registry `moegrok indicators` evaluates afterwards. Logged before the
                 # checkpoint, so a resume from it never lacks the row (rows after a resumed step are dropped).
+                t_ind = time.perf_counter()
                 live = indicators.compute(
                     indicators.Checkpoint(step, types.SimpleNamespace(**{k: np.asarray(v) for k, v in record.items()}),
                                           ev["val_loss"], ev["param_norms"]), corpus.domains)
-                metrics_f.write(json.dumps({"step": step, "indicators": live}) + "\n")
+                metrics_f.write(json.dumps({"step": step, "indicators": live,
+                                            "indicator_seconds": time.perf_counter() - t_ind}) + "\n")
                 metrics_f.flush()
                 save_checkpoint(mngr, step, model, opt_state)
                 if tb is not None:
