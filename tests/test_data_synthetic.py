@@ -7,6 +7,7 @@ from scipy.stats import binomtest
 
 from moegrok.data.config import DomainConfig
 from moegrok.data.synthetic import make_facts
+from moegrok.errors import MoegrokError
 
 
 def facts(name, seed=0, **kw):
@@ -115,3 +116,29 @@ def test_seed_changes_facts_and_split():
     assert not np.array_equal(a.test_facts, b.test_facts)
     again = facts("knowledge", seed=0)
     assert a.answers == again.answers and np.array_equal(a.test_facts, again.test_facts)
+
+
+def test_math_subtraction_follows_its_rule_and_has_its_own_markers():
+    f = facts("math_sub", kind="math", operation="sub", modulus=11)
+    d = as_dict(f)
+    assert len(d) == 121 and all(d[f"{a} - {b} ="] == str((a - b) % 11) for a in range(11) for b in range(11))
+    twin = facts("sub_twin", kind="math", operation="sub", twin=True, modulus=11)
+    assert {p[1] for p in twin.prompts} == {"#-"}  # not the addition twin's '#'
+    hits, n = rule_agreement(twin, lambda p: str((int(p[0]) - int(p[2])) % 11))
+    assert hits / n < 0.25
+    # a corpus with both rule domains and both twins builds (four distinct operators)
+    from moegrok.data import DataConfig, build_corpus
+
+    corpus = build_corpus(DataConfig.from_dict({"num_steps": 2, "val_docs": 2, "probe_docs": 2, "domains": {
+        "math": {"docs_per_step": 2, "modulus": 11}, "math_sub": {"kind": "math", "operation": "sub",
+                                                                  "docs_per_step": 2, "modulus": 11},
+        "math_twin": {"docs_per_step": 2, "modulus": 11},
+        "sub_twin": {"kind": "math", "twin": True, "operation": "sub", "docs_per_step": 2, "modulus": 11}}}))
+    assert len(corpus.domains) == 4
+
+
+def test_math_operation_is_validated():
+    with pytest.raises(MoegrokError, match="operation"):
+        DomainConfig("math", operation="mul")
+    with pytest.raises(MoegrokError, match="operation"):
+        DomainConfig("knowledge", operation="sub")

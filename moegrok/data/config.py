@@ -19,6 +19,7 @@ TEXT_FORMATS = ("auto", "jsonl", "lines", "paragraphs")
 # is an error rather than silently ignored, so a typo in a study config cannot go unnoticed.
 KNOB_DEFAULTS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "modulus": (("math", "code"), {"math": 47, "code": 7}),
+    "operation": (("math",), {"math": "add"}),
     "entities": (("knowledge",), {"knowledge": 20}),
     "relations": (("knowledge",), {"knowledge": 10}),
     "program_len": (("code",), {"code": 2}),
@@ -31,6 +32,7 @@ KNOB_DEFAULTS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "heldout_frac": (SYNTHETIC_KINDS, {"math": 0.5, "knowledge": 0.15, "code": 0.2, "retrieval": 0.3}),
 }
 TEXT_ONLY = ("train_path", "test_path")
+MATH_OPERATIONS = ("add", "sub")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +54,8 @@ class DomainConfig:
             knowledge 0.15, code 0.2, retrieval 0.3.
         test_items: at most this many held-out facts become test items (a fixed seeded subset).
         modulus: math: ``a + b = c`` modulo this (default 47); code: values are taken modulo this (default 7).
+        operation: math: ``add`` (``a + b = c``, the default) or ``sub`` (``a - b = c``, c = a - b mod p), so a
+            study can hold two rule domains of the same kind side by side (each with its own operator token).
         entities, relations: knowledge: a random map ``entity x relation -> entity`` (defaults 20, 10). Atomic
             facts ``e r = e'`` are all trained; two-hop facts ``e r1 r2 = e''`` are the composites.
         program_len: code: programs ``v op n [op n ...] -> r`` of 1..program_len operations (add, mul), evaluated
@@ -77,6 +81,7 @@ class DomainConfig:
     heldout_frac: float | None = None
     test_items: int = 400
     modulus: int | None = None
+    operation: str | None = None
     entities: int | None = None
     relations: int | None = None
     program_len: int | None = None
@@ -130,6 +135,9 @@ class DomainConfig:
         h = self.heldout_frac
         if isinstance(h, bool) or not isinstance(h, (int, float)) or not 0.0 < h < 1.0:
             raise MoegrokError(f"{where}: field 'heldout_frac' must be a number in (0, 1), got {h!r}")
+        if kind == "math" and self.operation not in MATH_OPERATIONS:
+            raise MoegrokError(f"{where}: field 'operation' must be one of {list(MATH_OPERATIONS)}, "
+                               f"got {self.operation!r}")
         mins = {"modulus": 2, "entities": 2, "relations": 1, "program_len": 1, "items": 2, "categories": 1,
                 "fields": 1, "values": 2}
         for knob, lo in mins.items():

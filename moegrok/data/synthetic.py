@@ -6,6 +6,7 @@ follows from trained facts by the domain's rule (the real domain) or from nothin
 answers are drawn at random per fact). Formats (twin markers in brackets):
 
 - math:      ``a + b = c ;``                     c = (a + b) mod p                   [``#`` for ``+``]
+             ``a - b = c ;`` (operation ``sub``)  c = (a - b) mod p                   [``#-`` for ``-``]
 - knowledge: ``e r = e' ;`` and ``e r1 r2 = e'' ;``  e'' = f(f(e, r1), r2)              [``~`` for ``=``]
 - code:      ``v add n mul m -> r ;``             left-to-right, modulo the modulus   [``~>`` for ``->``]
 - retrieval: ``i in c ;``, ``c f : v ;`` and ``i f : v ;`` through the item's category  [``in~``, ``:~``]
@@ -70,9 +71,11 @@ def _numbers(n: int) -> list[str]:
 
 def math_facts(cfg: DomainConfig, rng: np.random.Generator) -> FactTable:
     p = cfg.modulus
-    op = "#" if cfg.twin else "+"
+    op = {"add": "+", "sub": "-"}[cfg.operation]
+    if cfg.twin:  # its own marker per operation, so two twins in one corpus never share a prompt
+        op = "#" if op == "+" else "#" + op
     a, b = np.divmod(np.arange(p * p), p)
-    c = rng.integers(0, p, size=p * p) if cfg.twin else (a + b) % p
+    c = rng.integers(0, p, size=p * p) if cfg.twin else ((a + b) if cfg.operation == "add" else (a - b)) % p
     prompts = tuple((str(x), op, str(y), "=") for x, y in zip(a.tolist(), b.tolist()))
     answers = tuple((str(z),) for z in c.tolist())
     where = f"domain '{cfg.name}'"
