@@ -188,13 +188,14 @@ SHARD_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax
     from moegrok.training.config import load_config_file
+    from moegrok import RunDir
     from moegrok.training.train import RunConfig, train
     assert jax.device_count() == 8, jax.devices()
     out = {}
     for name, (d, e) in {"single": (1, 1), "sharded": (4, 2), "data": (4, 1)}.items():
         raw = load_config_file(sys.argv[1], sys.argv[3:] + [f"train.mesh_data={d}", f"train.mesh_expert={e}"])
         train(RunConfig.from_dict(raw), sys.argv[2] + "/" + name, progress=False)
-        out[name] = [json.loads(l)["loss"] for l in open(sys.argv[2] + "/" + name + "/metrics.jsonl")]
+        out[name] = [m["loss"] for m in RunDir(sys.argv[2] + "/" + name).metrics()]
     print(json.dumps(out))
 """)
 
