@@ -1,7 +1,7 @@
 """Analysis hot spots, ours vs a straightforward reference, side by side in one run:
 
 1. pathway consistency S, C, R (`moegrok.analysis.consistency`, one jitted call over checkpoints x samples, E x E
-   Gram matrices) vs NumPy float64 that materialises the routing embeddings e_il per checkpoint (SPEC §5 as
+   Gram matrices) vs NumPy float64 that materialises the routing embeddings e_il per checkpoint (METHOD §5 as
    written);
 2. t* for every sample (vectorised suffix-and) vs a Python loop over samples and checkpoints;
 3. t# for every test item (vectorised suffix sums) vs a Python loop.

@@ -5,7 +5,7 @@
 ours: ``corpus.batch(step)`` of the default study corpus (16 math + 16 knowledge documents, 49 tokens), which
 slices tables built once. reference: what a plain per-step generator does: draw 8 training facts per document,
 format the text, tokenize it with the same built-in tokenizer, pad. Both produce the same kind of batch; the
-trainer step it must stay far below is ~0.08 s on this machine (FINDINGS.md).
+trainer step it must stay far below is ~0.04-0.08 s on this machine (benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 

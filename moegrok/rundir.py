@@ -129,6 +129,15 @@ def _write_json(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
+def method_link(from_dir: str | os.PathLike) -> str:
+    """A Markdown link to docs/METHOD.md (relative to `from_dir` where the package sits in a checkout), for reports:
+    "METHOD §N" in a report refers to that document's sections."""
+    doc = Path(__file__).resolve().parents[1] / "docs" / "METHOD.md"
+    if doc.exists():
+        return f"[docs/METHOD.md]({os.path.relpath(doc, Path(from_dir).resolve())})"
+    return "docs/METHOD.md (in the moegrok repository)"
+
+
 def step_dirname(step: int) -> str:
     return f"step_{int(step):09d}"
 

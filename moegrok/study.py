@@ -92,13 +92,14 @@ def _demote(markdown: str) -> str:
 
 
 def write_report(run_dir: Path, timings: dict[str, float]) -> Path:
-    from moegrok.rundir import RunDir
+    from moegrok.rundir import RunDir, method_link
 
     rd = RunDir(run_dir)
     cfg = rd.config
     m, t = cfg.get("model", {}), cfg.get("train", {})
     fig = training_figure(run_dir, run_dir / "figures" / "training.png")
-    lines = [f"# moegrok study: `{run_dir}`", ""]
+    lines = [f"# moegrok study: `{run_dir}`", "",
+             f"Definitions (\"METHOD §N\"): {method_link(run_dir)}.", ""]
     lines += [f"Model: {m.get('num_hidden_layers')} layers, d = {m.get('hidden_size')}, {m.get('num_experts')} "
               f"experts, top-{m.get('num_experts_per_tok')}. One epoch of {rd.meta.get('total_steps')} steps over "
               f"domains {', '.join(rd.meta.get('domains', []))}; AdamW lr {t.get('learning_rate')}, weight decay "

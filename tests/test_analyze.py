@@ -40,7 +40,7 @@ def load_records(run):
 
 
 def brute_t_star(l, eps, delta=0.05):
-    """SPEC §2 literally: the first checkpoint before the last from which every loss is <= eps and within delta of
+    """METHOD §2 literally: the first checkpoint before the last from which every loss is <= eps and within delta of
     the final one; None if there is none."""
     T = len(l)
     return next((t for t in range(T - 1) if all(l[u] <= eps and abs(l[u] - l[-1]) <= delta for u in range(t, T))),
@@ -80,7 +80,7 @@ def test_memorization_and_consistency_match_independent_recomputation(full_run):
         for i in np.flatnonzero(dom == d):
             t = brute_t_star(loss[:, i], eps)
             assert samples[i]["t_star_step"] == ("never" if t is None else str(steps[t]))
-    # R of the memorized math samples at the last checkpoint, straight from SPEC §5
+    # R of the memorized math samples at the last checkpoint, straight from METHOD §5
     mem = [i for i in np.flatnonzero(dom == "math") if samples[i]["t_star_step"] != "never"]
     p = probes[-1]
     e = np.einsum("nle,led->nld", p["route_probs"][mem].astype(np.float64), p["router_weights"].astype(np.float64))

@@ -1,4 +1,4 @@
-"""Pathway consistency S, C, R (SPEC §5) against a float64 NumPy reference and hand-worked cases."""
+"""Pathway consistency S, C, R (METHOD §5) against a float64 NumPy reference and hand-worked cases."""
 import numpy as np
 import pytest
 
@@ -8,7 +8,7 @@ from moegrok.errors import MoegrokError
 
 
 def reference(g_NxLxE, W_LxExD):
-    """Straight from SPEC §5: materialise e_il, cosines of adjacent layers, the three formulas."""
+    """Straight from METHOD §5: materialise e_il, cosines of adjacent layers, the three formulas."""
     e = np.einsum("nle,led->nld", g_NxLxE.astype(np.float64), W_LxExD.astype(np.float64))
     S, C, R = [], [], []
     for i in range(e.shape[0]):

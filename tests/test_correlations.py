@@ -1,4 +1,4 @@
-"""Correlations (SPEC §6) against independent NumPy formulas and hand-worked cases."""
+"""Correlations (METHOD §6) against independent NumPy formulas and hand-worked cases."""
 import math
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""t# (SPEC §3), pairing of Train@p with Test@q groups (Hungarian), embeddings, lag."""
+"""t# (METHOD §3), pairing of Train@p with Test@q groups (Hungarian), embeddings, lag."""
 import itertools
 
 import numpy as np

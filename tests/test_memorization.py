@@ -1,4 +1,4 @@
-"""Memorization t* and the per-domain epsilon search (SPEC §2) against brute force and hand-worked cases."""
+"""Memorization t* and the per-domain epsilon search (METHOD §2) against brute force and hand-worked cases."""
 import numpy as np
 import pytest
 

@@ -1,4 +1,4 @@
-"""Pathways (SPEC §4) against hand-worked cases and independent pure-Python / rapidfuzz references."""
+"""Pathways (METHOD §4) against hand-worked cases and independent pure-Python / rapidfuzz references."""
 from __future__ import annotations
 
 import itertools

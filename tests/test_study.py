@@ -6,7 +6,8 @@ from pathlib import Path
 from moegrok import RunDir
 from moegrok.cli import main
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
 
 
 def test_tiny_study_end_to_end(tmp_path):
@@ -25,6 +26,10 @@ def test_tiny_study_end_to_end(tmp_path):
 
     for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report):
         assert (run_dir / link).exists(), link
+    # the method the report cites is a link that resolves, also inside the embedded analysis report
+    methods = [m for m in re.findall(r"\]\(([^)]*METHOD\.md)\)", report)]
+    assert len(methods) >= 2 and all((run_dir / m).resolve() == ROOT / "docs" / "METHOD.md" for m in methods)
+    assert "## Late, sharp transitions" in report
     first = (run_dir / "records" / "step_000000030" / "probe.npz").stat().st_mtime_ns
     assert main(args) == 0  # resumes: training is complete, nothing is retrained
     assert (run_dir / "records" / "step_000000030" / "probe.npz").stat().st_mtime_ns == first

@@ -237,7 +237,7 @@ def _moe_single(params, xg):
 
 
 def test_ntk_of_moe_is_routing_kernel():
-    """SPEC §7: the NTK of F = Σ_k g_k f_k w.r.t. all expert parameters, router frozen, is Σ_k g_k g_kᵀ ∘ K_k."""
+    """METHOD §7: the NTK of F = Σ_k g_k f_k w.r.t. all expert parameters, router frozen, is Σ_k g_k g_kᵀ ∘ K_k."""
     rng = np.random.default_rng(2)
     E, D, n = 3, 4, 6
     ex = init_relu_experts(rng, E, 8, D)

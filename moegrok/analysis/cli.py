@@ -23,9 +23,9 @@ def register(subparsers) -> None:
     p.add_argument("--tau", type=float, default=0.7, help="τ rule threshold for expert lists (default 0.7)")
     p.add_argument("--delta", type=float, default=0.05, help="memorization stability δ (default 0.05)")
     p.add_argument("--epsilon", type=float, default=None,
-                   help="fixed loss threshold ε for every domain (default: per-domain search, SPEC §2)")
+                   help="fixed loss threshold ε for every domain (default: per-domain search, METHOD §2)")
     p.add_argument("--memorization-loss", choices=("sample", "answer"), default="sample",
-                   help="per-sample loss for memorization: mean NLL over all tokens (SPEC §2, default) or over the "
+                   help="per-sample loss for memorization: mean NLL over all tokens (METHOD §2, default) or over the "
                         "answer tokens only (synthetic corpora record it; their other tokens are random)")
     p.add_argument("--embedding", choices=("auto", "minilm", "tfidf"), default="auto",
                    help="text embedding for pairing: all-MiniLM-L6-v2 (needs moegrok[embed]) or char n-gram TF-IDF; "
@@ -38,7 +38,7 @@ def register(subparsers) -> None:
                    help="token-level pathway pairs: same position (templated data) or the first min(len) real "
                         "tokens (free text)")
     p.add_argument("--max-pair-samples", type=int, default=4096,
-                   help="groups above this size use a fixed-seed subsample of pairs (SPEC §4)")
+                   help="groups above this size use a fixed-seed subsample of pairs (METHOD §4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the pair subsample")
     p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

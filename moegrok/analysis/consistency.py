@@ -1,11 +1,11 @@
-"""Pathway consistency (SPEC §5): how much a sample's routing embedding keeps its direction from layer to layer.
+"""Pathway consistency (METHOD §5): how much a sample's routing embedding keeps its direction from layer to layer.
 
 For sample i at MoE layer l the routing embedding is ``e_il = sum_k g_l(i)_k W_l[k]`` (full router softmax averaged
 over the sample's tokens, times the router weight matrix of the same checkpoint). With ``c_l = cos(e_il, e_i,l+1)``:
 
 - raw consistency ``R = mean_l c_l`` (always defined),
 - consistency ``S = R / (max_l c_l + 1e-8)`` and complexity ``C = 1 - S``, n/a for a sample whose
-  ``max_l c_l <= 0.05`` (the normalisation is ill-conditioned there; SPEC §5).
+  ``max_l c_l <= 0.05`` (the normalisation is ill-conditioned there; METHOD §5).
 
 Everything is computed in one jitted call batched over checkpoints and samples, in float32.
 """
@@ -19,8 +19,8 @@ import numpy as np
 
 from moegrok.errors import MoegrokError
 
-MAX_COS_FLOOR = 0.05  # SPEC §5: S and C are n/a when max_l c_l <= this
-S_EPS = 1e-8  # SPEC §5: the paper's stabiliser in the denominator of S
+MAX_COS_FLOOR = 0.05  # METHOD §5: S and C are n/a when max_l c_l <= this
+S_EPS = 1e-8  # METHOD §5: the paper's stabiliser in the denominator of S
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Correlations of per-checkpoint metrics with test accuracy (SPEC §6, the paper's Table 1, plus the controls SPEC
+"""Correlations of per-checkpoint metrics with test accuracy (METHOD §6, the paper's Table 1, plus the controls METHOD §6
 requires beyond it): Pearson and Spearman with p-values and n, first differences, partial correlation controlling
 for the training step, multiple-comparison correction, and a control-run comparison.
 

@@ -1,4 +1,4 @@
-"""Generalization and grokking lag (SPEC §3): t# per test item, Test@t# groups, train/test group pairing, lag.
+"""Generalization and grokking lag (METHOD §3): t# per test item, Test@t# groups, train/test group pairing, lag.
 
 Indices are checkpoint indices 0..T-1; -1 means "never".
 """
@@ -28,7 +28,7 @@ def generalized_since(correct_TxM: np.ndarray, min_mean: float = MIN_MEAN_ACCURA
     **Decision** (`require_correct_at_start`): the item must also be correct *at* t#, so the one tolerated error
     lies after it; the literal rule would date an item "generalized since" a checkpoint where it was wrong.
 
-    **Decision** (`before_last`, as for memorization in SPEC §2): t# must come before the last checkpoint. "Stays
+    **Decision** (`before_last`, as for memorization in METHOD §2): t# must come before the last checkpoint. "Stays
     correct" over the last checkpoint alone is vacuous; measured on a rule-free twin, items right by chance at the end
     otherwise form Test@T groups and fake grokking lags.
     """

@@ -1,8 +1,8 @@
-"""Memorization (SPEC §2): when each training sample's loss becomes low and stays put, and the Train@t* groups.
+"""Memorization (METHOD §2): when each training sample's loss becomes low and stays put, and the Train@t* groups.
 
 Sample i is *memorized since* checkpoint index t* if at every checkpoint t >= t*: ``l_i(t) <= eps`` and
 ``|l_i(t) - l_i(T)| <= delta``. At the last checkpoint the stability condition is vacuous, so (**Decision**, as in
-SPEC's epsilon rule) a sample counts as memorized only if t* comes *before* the last checkpoint; groups are formed
+METHOD §2's epsilon rule) a sample counts as memorized only if t* comes *before* the last checkpoint; groups are formed
 from those samples only.
 
 Indices here are checkpoint indices 0..T-1 (position in the run's sorted step list); -1 means "never".
@@ -72,7 +72,7 @@ def memorized_share(loss_TxN: np.ndarray, epsilon: float, delta: float = DELTA) 
 
 
 def select_epsilon(loss_TxN: np.ndarray, cfg: MemorizationConfig = MemorizationConfig()) -> EpsilonChoice:
-    """SPEC §2 **Decision**: search eps = step, 2 step, ... upward and take the first whose memorized share lies in
+    """METHOD §2 **Decision**: search eps = step, 2 step, ... upward and take the first whose memorized share lies in
     [target_low, target_high]; if none does, the grid value whose share is closest to the range's middle (ties: the
     smaller eps). The grid ends at the first value above every finite loss: beyond it the share cannot change."""
     loss = _check_loss(loss_TxN)

@@ -53,7 +53,7 @@ def load_analysis(run_dir: str | os.PathLike) -> dict:
 
 def lag_rows(runs: Mapping[str, Sequence[dict]], domains: Sequence[str], min_lag: int = 2) -> list[dict]:
     """Per config, seed and domain: matched pairs, the longest lag (checkpoints), and whether a pair reaches
-    `min_lag` (the issue's acceptance: Train@p -> Test@q with q >= p + 2; p is already flat by SPEC §2)."""
+    `min_lag` (the issue's acceptance: Train@p -> Test@q with q >= p + 2; p is already flat by METHOD §2)."""
     out = []
     for label, group in runs.items():
         for r in group:

@@ -1,4 +1,4 @@
-"""Expert pathways of probe samples and their pairwise distances (SPEC §4), from the arrays of a probe record.
+"""Expert pathways of probe samples and their pairwise distances (METHOD §4), from the arrays of a probe record.
 
 Sample level (paper): for sample i and MoE layer l, ``route_probs[i, l]`` is the router's full softmax averaged over
 the sample's real tokens. The τ rule sorts experts by that weight (descending, ties: lower index first) and keeps
@@ -13,7 +13,7 @@ all layers in layer order, encoded as
 Distances between two samples are raw and normalised by the longer pathway length (two empty pathways: 0). A group's
 value is the mean over unordered pairs of distinct samples: every pair up to ``max_all_pairs`` samples (4096), above
 that a fixed-seed sample of pairs that depends only on (group size, seed), so a group whose rows come in the same
-order gets the same pairs at every checkpoint (SPEC §4 Decision).
+order gets the same pairs at every checkpoint (METHOD §4 Decision).
 
 Token level (beyond the paper): a token's pathway is its top-k expert ids per layer in weight order (as stored in
 ``topk_ids``), layers in order. A sample pair's distance is the mean Levenshtein over aligned token positions:
@@ -40,7 +40,7 @@ from moegrok.errors import MoegrokError
 ENCODINGS = ("text", "expert")
 ALIGNMENTS = ("position", "prefix")
 DEFAULT_TAU = 0.7
-MAX_ALL_PAIRS = 4096  # SPEC §4 Decision: all pairs up to this many samples
+MAX_ALL_PAIRS = 4096  # METHOD §4 Decision: all pairs up to this many samples
 SATURATED_FRACTION = 0.5
 _SUM_TOL = 0.02  # rows of a softmax average must sum to 1 within this (bf16-stored records included)
 
@@ -282,7 +282,7 @@ def mean_cross_distance(seqs_a: Sequence, seqs_b: Sequence, *, max_all_pairs: in
 def pathway_distance(route_probs_NxLxE: Any, *, tau: float = DEFAULT_TAU, encoding: str = "text",
                      max_all_pairs: int = MAX_ALL_PAIRS, num_sampled_pairs: int | None = None,
                      seed: int = 0) -> PairDistance:
-    """SPEC §4 group pathway distance: mean over pairs of distinct samples of ``Levenshtein(s_i, s_j)``.
+    """METHOD §4 group pathway distance: mean over pairs of distinct samples of ``Levenshtein(s_i, s_j)``.
 
     Pass the group's rows of ``route_probs`` in the same order at every checkpoint (e.g. sorted by sample id) so
     that a sampled pair set (groups above `max_all_pairs`) stays the same."""
@@ -304,7 +304,7 @@ class LayerwiseDistance:
 def layerwise_distance(route_probs_NxLxE: Any, *, tau: float = DEFAULT_TAU, encoding: str = "text",
                        max_all_pairs: int = MAX_ALL_PAIRS, num_sampled_pairs: int | None = None,
                        seed: int = 0) -> LayerwiseDistance:
-    """SPEC §4 layer-wise variant: the distance of each layer's expert list alone, averaged over pairs."""
+    """METHOD §4 layer-wise variant: the distance of each layer's expert list alone, averaged over pairs."""
     per_layer = layer_pathways(route_probs_NxLxE, tau, encoding)
     n = np.shape(route_probs_NxLxE)[0]
     _need_pairs(n, "layerwise_distance")
@@ -452,7 +452,7 @@ def token_pathway_distance(topk_ids_NxTxLxk: Any, token_mask_NxT: Any, num_exper
 
 @dataclasses.dataclass(frozen=True)
 class Saturation:
-    """Routing sharpness next to a pathway distance (SPEC §4).
+    """Routing sharpness next to a pathway distance (METHOD §4).
 
     kept_L: mean experts kept by the τ rule per layer; top1_weight_L: mean weight of the top expert per layer;
     entropy_L: mean entropy (nats) of the sample-averaged routing distribution per layer (max: log E);

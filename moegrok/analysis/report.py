@@ -1,4 +1,4 @@
-"""`moegrok analyze`: every metric of SPEC §2-§6 for one run directory, written to ``RUN_DIR/analysis/``.
+"""`moegrok analyze`: every metric of METHOD §2-§6 for one run directory, written to ``RUN_DIR/analysis/``.
 
 :func:`analyze` is the entry point: :func:`moegrok.analysis.run_metrics.compute_analysis` (optionally for a control
 run too), then this module writes ``metrics.csv``, ``layerwise.csv``, ``samples.csv``, ``test_items.csv``,
@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from moegrok.analysis import correlations as corr_mod
+from moegrok.rundir import method_link
 from moegrok.analysis.figures import write_figures
 from moegrok.analysis.run_metrics import (METRICS, NAN, PATHWAY_FIELDS, Analysis, AnalysisConfig, RunData, cell_text,
                                           compute_analysis, in_run_controls)
@@ -177,19 +178,20 @@ def _distance_table(a: Analysis) -> str:
 def report_markdown(a: Analysis, figs: Mapping[str, tuple[Path, str, str]], control_dir=None) -> str:
     d = a.data
     c = a.config
-    out = [f"# moegrok analysis of `{d.run.path}`", ""]
+    out = [f"# moegrok analysis of `{d.run.path}`", "",
+           f"\"METHOD §N\" refers to section N of the method document, {method_link(d.run.path / 'analysis')}.", ""]
     status = "finished" if d.run.finished else "**not finished (provisional)**"
     out.append(f"Run {status}; {len(d.steps)} checkpoints (steps {d.steps[0]}–{d.steps[-1]}); {d.num_layers} MoE "
                f"layer(s) × {d.num_experts} experts; domains: {', '.join(d.domains)}.")
-    eps = f"fixed at {c.epsilon}" if c.epsilon is not None else "searched per domain (SPEC §2)"
-    which = ("mean NLL over the whole sample (SPEC §2)" if c.memorization_loss == "sample" else
-             "mean NLL over the sample's answer tokens (`memorization_loss: answer`, beyond SPEC §2)")
+    eps = f"fixed at {c.epsilon}" if c.epsilon is not None else "searched per domain (METHOD §2)"
+    which = ("mean NLL over the whole sample (METHOD §2)" if c.memorization_loss == "sample" else
+             "mean NLL over the sample's answer tokens (`memorization_loss: answer`, beyond METHOD §2)")
     out.append(f"Settings: memorization loss = {which}, τ = {c.tau}, δ = {c.delta}, ε {eps}, "
                f"embedding for pairing: **{a.embedding}**, p-value correction: "
                f"{corr_mod.CORRECTION_NAMES[c.correction]}.")
     if a.notes:
         out += ["", "**Notes**", ""] + [f"- {n}" for n in a.notes]
-    out += ["", "## Memorization (SPEC §2)", "",
+    out += ["", "## Memorization (METHOD §2)", "",
             "| domain | samples | ε | memorized share | in 20–25% | memorized | groups | note |", "|---" * 8 + "|"]
     for dr in a.domains:
         e = dr.epsilon
@@ -197,7 +199,7 @@ def report_markdown(a: Analysis, figs: Mapping[str, tuple[Path, str, str]], cont
                    f"{cell_text(e.share if e else NAN)} | {'' if e is None else ('yes' if e.in_target else 'no')} | "
                    f"{int((dr.t_star >= 0).sum())} | {len(np.unique(dr.t_star[dr.t_star >= 0]))} | "
                    f"{dr.mem_note or ''} |")
-    out += ["", "## Generalization and grokking lag (SPEC §3)", "",
+    out += ["", "## Generalization and grokking lag (METHOD §3)", "",
             "| domain | test items | generalized | Test groups | matched pairs | note |", "|---" * 6 + "|"]
     for dr in a.domains:
         n_items = 0 if dr.t_hash is None else dr.t_hash.size
@@ -213,17 +215,17 @@ def report_markdown(a: Analysis, figs: Mapping[str, tuple[Path, str, str]], cont
                 f"{p.similarity:.3f} | {p.n_train} | {p.n_test} |" for p in pairs]
     for name in ("memorized_vs_accuracy.png", "lag.png"):
         out += _fig_md(figs, name)
-    out += ["", "## Pathways (SPEC §4)", "",
+    out += ["", "## Pathways (METHOD §4)", "",
             "Mean pairwise Levenshtein distance over memorized samples (text encoding; normalised; expert symbols; "
             "token-level), first and last checkpoint, with the saturation diagnostics next to it (experts kept per "
             "layer by the τ rule, top-expert weight, routing entropy). Full per-checkpoint values: `metrics.csv`, "
             "layer-wise: `layerwise.csv`.", "", _distance_table(a)]
     for name in ("distance_vs_loss.png", "layerwise_distance.png"):
         out += _fig_md(figs, name)
-    out += ["", "## Consistency (SPEC §5)", "",
+    out += ["", "## Consistency (METHOD §5)", "",
             a.consistency_note or "S, C and R defined for every memorized sample-checkpoint."]
     out += _fig_md(figs, "consistency_vs_loss.png")
-    out += ["", "## Correlations with test accuracy (SPEC §6)", "",
+    out += ["", "## Correlations with test accuracy (METHOD §6)", "",
             f"Sustained rise: the window starts at the last checkpoint up to the accuracy peak whose accuracy is at "
             f"most base + {c.rise_fraction} × (peak − base), base = the lowest accuracy before the peak; no window "
             f"if the rise is under {c.min_rise}."]

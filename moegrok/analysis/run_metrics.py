@@ -1,4 +1,4 @@
-"""Every metric of SPEC §2-§6 for one run directory, in memory: :func:`compute_analysis` -> :class:`Analysis`.
+"""Every metric of METHOD §2-§6 for one run directory, in memory: :func:`compute_analysis` -> :class:`Analysis`.
 
 Writing it out (CSV, Markdown, JSON, report.md) is :mod:`moegrok.analysis.report`; the figures are
 :mod:`moegrok.analysis.figures`.
@@ -35,20 +35,20 @@ NAN = float("nan")
 
 @dataclasses.dataclass(frozen=True)
 class AnalysisConfig:
-    tau: float = 0.7  # SPEC §4 τ rule
-    delta: float = 0.05  # SPEC §2
+    tau: float = 0.7  # METHOD §4 τ rule
+    delta: float = 0.05  # METHOD §2
     epsilon: float | None = None  # fixed ε for every domain instead of the per-domain search
     embedding: str = "auto"  # "auto" | "minilm" | "tfidf"
     correction: str = "bh"  # "bh" | "holm"
     rise_fraction: float = corr_mod.RISE_FRACTION
     min_rise: float = corr_mod.MIN_RISE
-    max_pair_samples: int = 4096  # SPEC §4 Decision: all pairs up to this many samples, then a fixed subsample
+    max_pair_samples: int = 4096  # METHOD §4 Decision: all pairs up to this many samples, then a fixed subsample
     seed: int = 0
     token_position: int | None = None  # also report the pathway distance of this one token position
     token_align: str = "position"  # token-level pairs: "position" (templated data) or "prefix" (free text)
     progress: bool = True
     figures: bool = True
-    # SPEC §2 uses the whole-sample loss. "answer": the loss over the tokens a document's rules determine (the
+    # METHOD §2 uses the whole-sample loss. "answer": the loss over the tokens a document's rules determine (the
     # probe record's optional `answer_loss`), for synthetic documents whose other tokens are irreducible noise.
     memorization_loss: str = "sample"
     # In-run controls: domain -> a domain of the same run that memorizes without generalizing (a rule-free twin).
@@ -318,7 +318,7 @@ Group = tuple[str, str]  # (domain, group name)
 
 def analysis_groups(data: RunData, doms: Sequence[DomainResult]) -> dict[Group, tuple[np.ndarray, np.ndarray | None]]:
     """(domain, group) -> (probe rows, other rows or None), fixed for the whole run. Groups: "domain" (every probe
-    sample of the domain: loss and consistency only, SPEC §4 restricts pathways to memorized samples), "memorized"
+    sample of the domain: loss and consistency only, METHOD §4 restricts pathways to memorized samples), "memorized"
     (memorized before the last checkpoint), "Train@<step>", and "cross-domain" (this domain's memorized samples
     against those of the other domains: the control where no decline is expected)."""
     mem_all = np.concatenate([dr.sample_idx[dr.t_star >= 0] for dr in doms]) if doms else np.zeros(0, np.int64)
@@ -359,7 +359,7 @@ def _group_row(c: int, step: int, key: Group, idx: np.ndarray, other: np.ndarray
                        C_mean=_mean_or_na(cons.C_BxN[c, idx], f"C undefined for all {idx.size} samples"),
                        R_mean=float(cons.R_BxN[c, idx].mean()), S_n_na=int(np.isnan(s).sum()))
     if g == "domain":
-        row.update({f: "not computed: pathways use memorized samples only (SPEC §4)" for f in PATHWAY_FIELDS})
+        row.update({f: "not computed: pathways use memorized samples only (METHOD §4)" for f in PATHWAY_FIELDS})
     elif pw_values is not None:
         row.update(pw_values)
         if idx.size == 1 and other is None:

@@ -13,7 +13,7 @@ POSITION_EMBEDDINGS = ("rope", "learned")
 
 @dataclasses.dataclass(frozen=True)
 class MoeConfig:
-    """OLMoE-architecture decoder (SPEC §8). Field names follow `OlmoeConfig` where one exists.
+    """OLMoE-architecture decoder (METHOD §8). Field names follow `OlmoeConfig` where one exists.
 
     Defaults are a small CPU model; `olmoe_1b_7b()` gives the real shapes.
     """
@@ -172,7 +172,7 @@ class MoeConfig:
 
 
 def olmoe_1b_7b(**overrides: Any) -> MoeConfig:
-    """The published OLMoE-1B-7B shapes (SPEC §8)."""
+    """The published OLMoE-1B-7B shapes (METHOD §8)."""
     base = dict(vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16,
                 num_attention_heads=16, num_experts=64, num_experts_per_tok=8, max_position_embeddings=4096,
                 clip_qkv=None, pad_token_id=1, eos_token_id=50279)

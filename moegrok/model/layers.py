@@ -1,4 +1,4 @@
-"""Dense building blocks of the OLMoE decoder: RMSNorm, RoPE, attention with QK-norm (SPEC §8)."""
+"""Dense building blocks of the OLMoE decoder: RMSNorm, RoPE, attention with QK-norm (METHOD §8)."""
 from __future__ import annotations
 
 import jax

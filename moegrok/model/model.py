@@ -91,7 +91,7 @@ class MoeLM(nnx.Module):
         )
 
     def router_weights(self) -> jax.Array:
-        """Router weight matrices [L, E, D] (row k = expert k's router vector), as SPEC §5 uses them."""
+        """Router weight matrices [L, E, D] (row k = expert k's router vector), as METHOD §5 uses them."""
         return jnp.stack([layer.moe.router[...].T for layer in self.layers]).astype(jnp.float32)
 
 
@@ -122,7 +122,7 @@ def lm_loss(logits_BxTxV, tokens_BxT, mask_BxT=None) -> jax.Array:
 
 
 def sample_nll(logits_BxTxV, tokens_BxT, mask_BxT=None) -> jax.Array:
-    """Per-sample mean next-token NLL [B] (SPEC §2's l_i)."""
+    """Per-sample mean next-token NLL [B] (METHOD §2's l_i)."""
     nll, valid = token_nll(logits_BxTxV, tokens_BxT, mask_BxT)
     v = valid.astype(jnp.float32)
     return jnp.sum(nll * v, axis=1) / jnp.maximum(jnp.sum(v, axis=1), 1.0)

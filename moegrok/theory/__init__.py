@@ -1,4 +1,4 @@
-"""Theory checks (SPEC §7): the routing kernel of an MoE with a frozen router, its effective dimension, the
+"""Theory checks (METHOD §7): the routing kernel of an MoE with a frozen router, its effective dimension, the
 complexity-reduced generalization bound, and numerical checks on synthetic data and on logged runs.
 
 Public API (lazy, so importing the package does not load JAX)::

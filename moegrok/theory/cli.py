@@ -22,7 +22,7 @@ def _floats(s: str) -> tuple[float, ...]:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("theory", help="routing kernel, effective dimension and the bound (SPEC §7)",
+    p = subparsers.add_parser("theory", help="routing kernel, effective dimension and the bound (METHOD §7)",
                               description="Routing kernel, effective dimension and the complexity-reduced bound.")
     sub = p.add_subparsers(dest="theory_command", metavar="{synthetic,run}")
     p.set_defaults(func=lambda args: (p.print_help(), 0)[1])

@@ -1,4 +1,4 @@
-"""The routing kernel of a real run, per checkpoint, from its probe record alone (SPEC §7 (d)).
+"""The routing kernel of a real run, per checkpoint, from its probe record alone (METHOD §7 (d)).
 
 Routing weights: ``g_i = route_probs[i, ℓ]``, the full router softmax of sample i averaged over its real tokens, at
 one MoE layer ℓ (default: the last). The record keeps no expert parameters or hidden states, so the experts' true NTK
@@ -8,12 +8,12 @@ expert family:
 - ``constant``: ``K_k ≡ 1`` — expert k outputs a learnable constant (its NTK w.r.t. that constant is 1). Then
   ``H = G Gᵀ``, the Gram matrix of routing vectors: it measures only how much samples share experts, which is the
   quantity the theory says drives d_eff. d_eff is computed from the [E, E] matrix ``GᵀG`` (same non-zero spectrum).
-- ``embedding``: linear experts on the routing embedding ``e_i = Σ_k g_ik W_ℓ[k]`` (SPEC §5, router weights of the
+- ``embedding``: linear experts on the routing embedding ``e_i = Σ_k g_ik W_ℓ[k]`` (METHOD §5, router weights of the
   same checkpoint): ``K_k(x_i, x_j) = ⟨e_i, e_j⟩`` for all k, so ``H = (G Gᵀ) ∘ (Z Zᵀ)`` with ``Z = G W_ℓ``. Adds the
   router's geometry (which experts have similar router vectors).
 
 Ridge λ: by default relative, ``λ = lam_rel · Tr(H)/n``. Routing sharpens during training (Tr(G Gᵀ) = Σ‖g_i‖² grows
-from n/E towards n) and weight decay changes router-weight norms (FINDINGS): with a fixed λ, d_eff would mostly track
+from n/E towards n) and weight decay changes router-weight norms (README, "what we found"): with a fixed λ, d_eff would mostly track
 that scale. A relative λ makes d_eff a measure of spectral shape; an absolute λ can be asked for.
 
 Everything is read through :class:`moegrok.rundir.RunDir`; nothing of the trainer is imported.

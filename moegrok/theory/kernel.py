@@ -1,4 +1,4 @@
-"""Routing kernel, effective dimension and the complexity-reduced bound (SPEC §7).
+"""Routing kernel, effective dimension and the complexity-reduced bound (METHOD §7).
 
 Model: ``F(θ, x) = Σ_k g_k(x) f_k(φ_k, x)`` with a frozen router. Its NTK is the routing kernel
 ``Θ(x, x') = Σ_k g_k(x) g_k(x') K_k(x, x')``; on n samples that is ``H = Σ_k (g_k g_kᵀ) ∘ K_k``.
@@ -251,7 +251,7 @@ class BoundTerms:
 
 def complexity_bound(H: Any, y: Any, lam: float, sigma2: float, delta: float = 0.05,
                      C1: float = 1.0, C2: float = 1.0) -> BoundTerms:
-    """All terms of SPEC §7's bound for Gram matrix `H` [n, n] (or its Spectrum) and labels `y` [n]."""
+    """All terms of METHOD §7's bound for Gram matrix `H` [n, n] (or its Spectrum) and labels `y` [n]."""
     s = _spectrum(H)
     C1, C2 = _check_pos(C1, "constant C1"), _check_pos(C2, "constant C2")
     d = effective_dimension(s, lam)

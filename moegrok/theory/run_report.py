@@ -98,8 +98,8 @@ def _markdown(rows, corr, cfg: RunTheoryConfig, run_dir, figs) -> str:
     for c in corr:
         L.append(f"| {c['group']} | {c['x']} | {c['y']} | {c['kind']} | {corr_text(c)} |")
     L += [""] + [f"![d_eff, pathway distance and accuracy over training]({f})" for f in figs]
-    L += ["", "Caveat: with few checkpoints these correlations are fragile (FINDINGS: r = +0.96 on 6 checkpoints "
-          "became +0.33 on 12); read n and p (with n <= 4 the p-values of asymptotic formulas mean little).", "",
+    L += ["", "Caveat: with few checkpoints these correlations are fragile (measured before this project: r = "
+          "+0.96 on 6 checkpoints became +0.33 on 12); read n and p (with n <= 4 the p-values of asymptotic formulas mean little).", "",
           "Files: `run_kernel.csv` (one row per checkpoint and group), "
           "`run_correlations.csv`, " + ", ".join(f"`{f}`" for f in figs) + ".", ""]
     return "\n".join(L)

@@ -1,4 +1,4 @@
-"""The synthetic check of SPEC §7 (the paper's Appendix C.4, then beyond).
+"""The synthetic check of METHOD §7 (the paper's Appendix C.4, then beyond).
 
 A one-layer MoE ``F(x) = Σ_k g_k(x) f_k(x)`` with E ReLU experts (NTK parameterisation) and a frozen softmax router,
 on d-dimensional inputs drawn from C Gaussian clusters.
@@ -12,7 +12,7 @@ function), labels ``y = f*(x) + N(0, σ²)``.
 
 Three studies:
 1. sweep: for every seed and (α, T), the routing kernel of the experts at initialisation, its d_eff, the bound's
-   terms, kernel ridge regression with H (in-sample and held-out excess risk), and the pathway distance (SPEC §4).
+   terms, kernel ridge regression with H (in-sample and held-out excess risk), and the pathway distance (METHOD §4).
 2. training: the finite network trained by full-batch GD (optax SGD with Nesterov momentum) on
    ``½Σ(F − y)² + ½λ‖θ − θ0‖²``, whose linearisation at θ0 is exactly kernel ridge regression with H, at several
    widths; compared with KRR (the converged linearised predictor) and with the linearised model run through the same
@@ -146,7 +146,7 @@ def routing(task: Task, alpha: float, temperature: float) -> tuple[np.ndarray, n
 
 
 def routing_stats(g_NxE: np.ndarray, tau: float) -> dict[str, float]:
-    """Pathway distance (text and expert encodings, normalised) and the saturation diagnostics of SPEC §4."""
+    """Pathway distance (text and expert encodings, normalised) and the saturation diagnostics of METHOD §4."""
     p = g_NxE[:, None, :]  # one MoE layer
     sat = pathways.saturation(p, tau=tau)
     return {

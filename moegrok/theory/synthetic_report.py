@@ -243,7 +243,7 @@ def _markdown(result, cfg, corr, seeds, viol, wrows, summary, elapsed_s, grid, t
     L: list[str] = []
     sweep, training = result.sweep, result.training
     L += ["# Theory check: routing kernel, effective dimension and the complexity-reduced bound (synthetic)", ""]
-    L += [f"Setting (SPEC §7; paper App. C.4): one-layer MoE, {cfg.num_experts} ReLU experts (NTK "
+    L += [f"Setting (METHOD §7; paper App. C.4): one-layer MoE, {cfg.num_experts} ReLU experts (NTK "
           f"parameterisation, width {cfg.width} for the sweep), frozen softmax router, d = {cfg.dim} inputs from "
           f"{cfg.num_clusters} Gaussian clusters, n = {cfg.n} training and {cfg.n_test} held-out samples, "
           f"noise σ = {cfg.noise_std:g}, {cfg.seeds} seeds × α ∈ {list(cfg.alphas)} × T ∈ "

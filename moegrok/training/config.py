@@ -46,7 +46,7 @@ class TrainConfig:
     warmup_steps: int = 100
     schedule: str = "constant"  # after warm-up: constant, cosine or linear decay to min_lr_ratio * learning_rate
     min_lr_ratio: float = 0.1
-    weight_decay: float = 1.0  # decoupled (AdamW), on matrices only; FINDINGS: 1.0 generalizes, 0.1 does not
+    weight_decay: float = 1.0  # decoupled (AdamW), on matrices only; 0.1 memorizes without generalizing (README)
     b1: float = 0.9
     b2: float = 0.98
     eps: float = 1e-8

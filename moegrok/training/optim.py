@@ -23,7 +23,7 @@ def lr_schedule(cfg: TrainConfig, total_steps: int) -> optax.Schedule:
 
 
 def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
-    # Decay only matrices (ndim >= 2): norm scales stay free, as in FINDINGS' prototype.
+    # Decay only matrices (ndim >= 2): norm scales stay free, as in the prototype that preceded the project.
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
     return optax.chain(
         optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm > 0 else optax.identity(),
