@@ -1,6 +1,7 @@
 """`moegrok analyze` end to end on synthesized run directories, plus its edge cases."""
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,6 +9,8 @@ from PIL import Image
 
 from moegrok.cli import main
 from synthetic_run import SynthSpec, make_run
+
+ROOT = Path(__file__).resolve().parents[1]
 
 FILES = ("metrics.csv", "layerwise.csv", "samples.csv", "test_items.csv", "lag.csv", "correlations.csv",
          "correlations.md", "summary.json", "report.md")
@@ -278,7 +281,30 @@ def test_errors_are_clean(tmp_path, capsys):
     assert main(["analyze", str(run), "--no-progress"]) == 1
     assert "no complete checkpoint record" in capsys.readouterr().err
     assert main(["analyze", str(run), "--tau", "1.5"]) == 1
-    assert "--tau must be in (0, 1]" in capsys.readouterr().err
+    assert "analysis.tau must be in (0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key, value", [("delta", "-1.0"), ("tau", "0.0"), ("epsilon", "0.0"),
+                                                ("max_pair_samples", "1")])
+def test_analyze_and_run_refuse_the_same_values(tmp_path, capsys, key, value):
+    """The rule lives in AnalysisConfig: `moegrok analyze --KEY` and `analysis: {KEY: ...}` through `moegrok run`
+    give the same message, and the study stops before training anything."""
+    run = tmp_path / "empty"
+    run.mkdir()
+    (run / "meta.json").write_text(json.dumps({"format": "moegrok-run/1", "finished": False}))
+    assert main(["analyze", str(run), f"--{key.replace('_', '-')}", value]) == 1
+    flag_err = capsys.readouterr().err
+    cfg = ROOT / "configs" / "tiny.yaml"
+    assert main(["run", str(cfg), "--run-dir", str(tmp_path / "study"), f"analysis.{key}={value}"]) == 1
+    run_err = capsys.readouterr().err
+    assert f"analysis.{key} must" in flag_err and flag_err.split("error: ")[1] == run_err.split("error: ")[1]
+    assert not (tmp_path / "study").exists()
+
+
+def test_analysis_section_of_the_wrong_type_is_named(tmp_path, capsys):
+    cfg = ROOT / "configs" / "tiny.yaml"
+    assert main(["run", str(cfg), "--run-dir", str(tmp_path / "study"), "analysis.delta=abc"]) == 1
+    assert "analysis.delta must be a number, got 'abc'" in capsys.readouterr().err
 
 
 def test_lag_figure_draws_the_most_similar_positive_lags():

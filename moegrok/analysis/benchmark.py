@@ -133,11 +133,14 @@ def transition_rows(runs: Sequence[RunInfo]) -> list[dict]:
 def _fork_family(runs: Sequence[RunInfo]) -> set[str]:
     """Names of forks and of the runs they were forked from."""
     by_path = {str(r.path.resolve()): r.name for r in runs}
+    by_dirname = {r.path.name: r.name for r in runs}
     fam = set()
     for r in runs:
         if r.parent:
             fam.add(r.name)
-            parent = by_path.get(str(Path(r.parent.get("run_dir", "")).resolve()))
+            where = Path(r.parent.get("run_dir", ""))
+            # the parent as recorded (relative to where the fork was started), else by directory name
+            parent = by_path.get(str(where.resolve())) or by_dirname.get(where.name)
             if parent:
                 fam.add(parent)
     return fam

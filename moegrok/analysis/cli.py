@@ -48,17 +48,9 @@ def register(subparsers) -> None:
 def _check(args: argparse.Namespace) -> None:
     from moegrok.errors import MoegrokError
 
-    if not 0.0 < args.tau <= 1.0:
-        raise MoegrokError(f"--tau must be in (0, 1], got {args.tau}")
-    if args.delta < 0:
-        raise MoegrokError(f"--delta must be >= 0, got {args.delta}")
-    if args.epsilon is not None and args.epsilon <= 0:
-        raise MoegrokError(f"--epsilon must be > 0, got {args.epsilon}")
     for item in args.control_domain or ():
         if item != "none" and (item.count("=") != 1 or not all(item.split("="))):
             raise MoegrokError(f"--control-domain expects DOMAIN=CONTROL_DOMAIN or 'none', got {item!r}")
-    if args.max_pair_samples < 2:
-        raise MoegrokError(f"--max-pair-samples must be >= 2, got {args.max_pair_samples}")
 
 
 def run(args: argparse.Namespace) -> int:

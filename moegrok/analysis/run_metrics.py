@@ -57,9 +57,30 @@ class AnalysisConfig:
     control_domains: Mapping[str, str] | None = None
 
     def __post_init__(self):
+        # One place for the rules: `moegrok analyze` flags and a config's `analysis:` section both land here.
+        def bad(field, msg):
+            raise MoegrokError(f"analysis.{field} {msg}")
+
+        for f in ("tau", "delta", "epsilon"):
+            v = getattr(self, f)
+            if (v is not None or f != "epsilon") and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                bad(f, f"must be a number, got {v!r}")
         if self.memorization_loss not in ("sample", "answer"):
-            raise MoegrokError(f"analysis.memorization_loss must be 'sample' or 'answer', "
-                               f"got {self.memorization_loss!r}")
+            bad("memorization_loss", f"must be 'sample' or 'answer', got {self.memorization_loss!r}")
+        if not 0.0 < self.tau <= 1.0:
+            bad("tau", f"must be in (0, 1], got {self.tau!r}")
+        if not self.delta >= 0:
+            bad("delta", f"must be >= 0, got {self.delta!r}")
+        if self.epsilon is not None and not self.epsilon > 0:
+            bad("epsilon", f"must be null or > 0, got {self.epsilon!r}")
+        if not isinstance(self.max_pair_samples, int) or self.max_pair_samples < 2:
+            bad("max_pair_samples", f"must be an integer >= 2, got {self.max_pair_samples!r}")
+        if self.embedding not in ("auto", "minilm", "tfidf"):
+            bad("embedding", f"must be 'auto', 'minilm' or 'tfidf', got {self.embedding!r}")
+        if self.correction not in ("bh", "holm"):
+            bad("correction", f"must be 'bh' or 'holm', got {self.correction!r}")
+        if self.token_align not in ("position", "prefix"):
+            bad("token_align", f"must be 'position' or 'prefix', got {self.token_align!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
