@@ -23,6 +23,7 @@ ignored. Arrays are plain NumPy (``np.load`` reads them without pickle).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -118,11 +119,41 @@ def validate_probe_arrays(arrays: Mapping[str, Any], where: str) -> dict[str, np
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a file atomically: a temporary file beside it, then a rename."""
+    """Write a file atomically: a temporary file beside it, then a rename. (The one helper for atomic files.)"""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def replace_dir(tmp: Path, target: Path) -> None:
+    """Move a finished directory into place; an existing target is swapped out first, then deleted."""
+    if target.is_dir() and not any(target.iterdir()):
+        target.rmdir()
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(target, old)
+        os.rename(tmp, target)
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+    else:
+        os.rename(tmp, target)
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike):
+    """Build a directory under a temporary name beside `target` (hidden, so readers never list it) and rename it
+    into place when the block succeeds; on any error the temporary directory is removed and `target` is untouched.
+    (The one helper for atomic directories: records, native and Hugging Face model directories.)"""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = (target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}").absolute()
+    tmp.mkdir()
+    try:
+        yield tmp
+        replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -144,24 +175,14 @@ def step_dirname(step: int) -> str:
 
 def write_record(run_dir: str | os.PathLike, step: int, probe: Mapping[str, Any], eval_: Mapping[str, Any]) -> Path:
     """Write `records/step_X/` atomically: build it under a temporary name, then rename it into place."""
-    records = Path(run_dir) / RECORDS
-    records.mkdir(parents=True, exist_ok=True)
     arrays = validate_probe_arrays(probe, f"probe record for step {step}")
-    tmp = records / f".tmp-{step_dirname(step)}-{uuid.uuid4().hex}"
-    tmp.mkdir()
-    with open(tmp / "probe.npz", "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    (tmp / "eval.json").write_text(json.dumps({"step": int(step), **eval_}, sort_keys=True))
-    final = records / step_dirname(step)
-    if final.exists():  # rewriting a step after a resume: swap, then drop the old one
-        old = records / f".old-{step_dirname(step)}-{uuid.uuid4().hex}"
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
+    final = Path(run_dir) / RECORDS / step_dirname(step)
+    with atomic_dir(final) as tmp:  # rewriting a step after a resume swaps the old one out
+        with open(tmp / "probe.npz", "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        (tmp / "eval.json").write_text(json.dumps({"step": int(step), **eval_}, sort_keys=True))
     return final
 
 
@@ -173,12 +194,7 @@ def write_meta(run_dir: str | os.PathLike, **fields: Any) -> None:
 
 
 def write_jsonl(path: str | os.PathLike, rows: list[Mapping[str, Any]]) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -131,7 +131,8 @@ def write_report(run_dir: Path, timings: dict[str, float]) -> Path:
 def run_study(config: str | Path, run_dir: str | Path, overrides: list[str] = (), *, progress: bool = True) -> Path:
     from moegrok.analysis.report import analyze
     from moegrok.analysis.run_metrics import AnalysisConfig
-    from moegrok.theory.fromrun import RunTheoryConfig, run_theory
+    from moegrok.theory.fromrun import RunTheoryConfig
+    from moegrok.theory.run_report import run_theory
     from moegrok.training.config import load_config_file, request_host_devices
     from moegrok.training.train import RunConfig, train
 

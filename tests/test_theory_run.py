@@ -11,8 +11,8 @@ import pytest
 from moegrok.cli import main
 from moegrok.errors import MoegrokError
 from moegrok.rundir import write_meta, write_record
-from moegrok.theory.fromrun import RunTheoryConfig, run_theory, run_theory_rows
-from moegrok.theory.run_report import write_run
+from moegrok.theory.fromrun import RunTheoryConfig, run_theory_rows
+from moegrok.theory.run_report import run_theory, write_run
 
 L, E, D, T, K = 2, 4, 3, 5, 2
 

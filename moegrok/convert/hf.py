@@ -15,16 +15,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import types
-import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from moegrok.convert import safetensors_io as st
 from moegrok.errors import MoegrokError
+from moegrok.rundir import atomic_dir
 from moegrok.model.config import DTYPES, MoeConfig
 
 CONFIG = "config.json"
@@ -475,57 +474,27 @@ def save_olmoe(model, path: str | os.PathLike, max_shard_size: int | str = "5GB"
     shards = _plan_shards(_hf_specs(cfg, get_params(model), np_dtype), parse_size(max_shard_size))
     config = hf_config_dict(cfg, out_dtype)
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=sum(map(len, shards)), desc=f"writing {target.name}", unit="tensor")
     try:
-        tmp.mkdir()
-        names = [SINGLE] if len(shards) == 1 else \
-            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        for name, shard in zip(names, shards):
-            st.write_file(tmp / name, shard, {"format": "pt"}, on_tensor=(lambda _: bar.update(1)) if bar else None)
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": sum(s.nbytes for sh in shards for s in sh)},
-                     "weight_map": {s.name: name for name, sh in zip(names, shards) for s in sh}}
-            (tmp / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
-        _replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_dir(target) as tmp:
+            names = [SINGLE] if len(shards) == 1 else \
+                [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+            for name, shard in zip(names, shards):
+                st.write_file(tmp / name, shard, {"format": "pt"}, on_tensor=(lambda _: bar.update(1)) if bar else None)
+            if len(shards) > 1:
+                index = {"metadata": {"total_size": sum(s.nbytes for sh in shards for s in sh)},
+                         "weight_map": {s.name: name for name, sh in zip(names, shards) for s in sh}}
+                (tmp / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
+            (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
     finally:
         if bar:
             bar.close()
     return target
 
 
-def _replace_dir(tmp: Path, target: Path) -> None:
-    """Move a finished directory into place; an existing target is swapped out first, then deleted."""
-    if target.is_dir() and not any(target.iterdir()):
-        target.rmdir()
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(target, old)
-        os.rename(tmp, target)
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-    else:
-        os.rename(tmp, target)
-
-
-def iter_hf_tensors(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
-    """(key, array) for every tensor of a HF checkpoint directory, one at a time (for checks and tools)."""
-    index = checkpoint_index(path)
-    reader = _Reader(index)
-    try:
-        for key in index:
-            yield key, reader(key)
-    finally:
-        reader.close()
-
-
 __all__ = ["load_olmoe", "save_olmoe", "moe_config_from_hf_json", "checkpoint_index", "expected_hf_shapes",
-           "iter_hf_tensors", "parse_size", "hf_config_dict"]
+           "parse_size", "hf_config_dict"]

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 from moegrok.errors import MoegrokError
+from moegrok.rundir import atomic_dir
 from moegrok.model.config import DTYPES, MoeConfig
 
 FORMAT = "moegrok-model/1"
@@ -42,16 +41,12 @@ def _checkpointer():
 
 def save_model(model, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write `model` as a native model directory, atomically (temporary directory beside `path`, then rename)."""
-    from moegrok.convert.hf import _replace_dir
     from moegrok.model.model import get_params
 
     target = Path(path)
     if target.exists() and not overwrite and (not target.is_dir() or any(target.iterdir())):
         raise MoegrokError(f"{target}: already exists and is not empty (pass overwrite=True / --overwrite)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = (target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}").absolute()
-    try:
-        tmp.mkdir()
+    with atomic_dir(target) as tmp:
         ck = _checkpointer()
         try:
             ck.save(tmp / PARAMS, get_params(model))
@@ -60,10 +55,6 @@ def save_model(model, path: str | os.PathLike, *, overwrite: bool = False) -> Pa
             ck.close()
         manifest = {"format": FORMAT, "config": model.cfg.to_dict()}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        _replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
@@ -189,14 +180,3 @@ def load_model(path: str | os.PathLike, *, step: int | None = None, dtype: str |
         ck.close()
     set_params(model, params)
     return model
-
-
-def load_any(path: str | os.PathLike, *, dtype: str | None = None, moe_impl: str | None = None,
-             progress: bool = False):
-    """A `MoeLM` from whatever `path` is: a HF OLMoE directory, a native model directory or a run directory."""
-    from moegrok.convert.hf import CONFIG, load_olmoe
-
-    path = Path(path)
-    if (path / CONFIG).is_file() and not is_model_dir(path):
-        return load_olmoe(path, dtype=dtype, moe_impl=moe_impl or "ragged", progress=progress)
-    return load_model(path, dtype=dtype, moe_impl=moe_impl)

@@ -32,7 +32,7 @@ _EXPORTS = {
     "run_synthetic": "moegrok.theory.synthetic",
     "RunTheoryConfig": "moegrok.theory.fromrun",
     "run_theory_rows": "moegrok.theory.fromrun",
-    "run_theory": "moegrok.theory.fromrun",
+    "run_theory": "moegrok.theory.run_report",
 }
 
 

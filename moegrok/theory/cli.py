@@ -80,7 +80,8 @@ def _synthetic(args) -> int:
 
 
 def _run(args) -> int:
-    from moegrok.theory.fromrun import RunTheoryConfig, run_theory
+    from moegrok.theory.fromrun import RunTheoryConfig
+    from moegrok.theory.run_report import run_theory
 
     cfg = RunTheoryConfig(layer=args.layer, lam_rel=args.lam_rel, lam=args.lam, tau=args.tau,
                           encoding=args.encoding).validate()

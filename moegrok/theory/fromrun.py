@@ -167,14 +167,3 @@ def run_theory_rows(run_dir: str | Path, cfg: RunTheoryConfig, progress: bool = 
         for step in it:
             rows.extend(checkpoint_rows(rd, step, cfg))
     return rows
-
-
-def run_theory(run_dir: str | Path, out_dir: str | Path | None = None, cfg: RunTheoryConfig | None = None, *,
-               progress: bool = False) -> dict[str, Any]:
-    """Compute the per-checkpoint table and write ``run_kernel.csv``, ``run_correlations.csv``, figures and
-    ``theory.md`` into `out_dir` (default ``RUN_DIR/theory``). Returns ``{"rows", "correlations"}``."""
-    from moegrok.theory.run_report import write_run  # the report imports this module's names
-
-    cfg = cfg or RunTheoryConfig()
-    rows = run_theory_rows(run_dir, cfg, progress=progress)
-    return write_run(rows, cfg, run_dir, Path(out_dir) if out_dir is not None else Path(run_dir) / "theory")

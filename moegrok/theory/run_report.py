@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from moegrok.theory.fromrun import KERNELS, RunTheoryConfig
+from moegrok.theory.fromrun import KERNELS, RunTheoryConfig, run_theory_rows
 from moegrok.theory.report import NA, corr_text, correlation, pyplot, write_csv
 
 TARGETS = ("path_dist", "path_dist_layer", "accuracy", "step")
@@ -103,3 +103,12 @@ def _markdown(rows, corr, cfg: RunTheoryConfig, run_dir, figs) -> str:
           "Files: `run_kernel.csv` (one row per checkpoint and group), "
           "`run_correlations.csv`, " + ", ".join(f"`{f}`" for f in figs) + ".", ""]
     return "\n".join(L)
+
+
+def run_theory(run_dir: str | Path, out_dir: str | Path | None = None, cfg: RunTheoryConfig | None = None, *,
+               progress: bool = False) -> dict[str, Any]:
+    """Compute the per-checkpoint table and write ``run_kernel.csv``, ``run_correlations.csv``, figures and
+    ``theory.md`` into `out_dir` (default ``RUN_DIR/theory``). Returns ``{"rows", "correlations"}``."""
+    cfg = cfg or RunTheoryConfig()
+    rows = run_theory_rows(run_dir, cfg, progress=progress)
+    return write_run(rows, cfg, run_dir, Path(out_dir) if out_dir is not None else Path(run_dir) / "theory")

@@ -127,7 +127,7 @@ def load_config_file(path: str | Path, overrides: list[str] = ()) -> dict:
         raise MoegrokError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(raw, dict):
         raise MoegrokError(f"{path}: expected a mapping with sections model/data/train")
-    allowed = {"model", "data", "train", "analysis", "theory", "study"}
+    allowed = {"model", "data", "train", "analysis", "theory"}
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise MoegrokError(f"{path}: unknown section(s) {unknown}; allowed: {sorted(allowed)}")

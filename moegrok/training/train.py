@@ -220,9 +220,7 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig, corpus, extra_meta: dict | No
                       d_model=cfg.model.hidden_size, domains=list(corpus.domains),
                       total_steps=int(corpus_steps(corpus, cfg.train)), finished=False,
                       data_fingerprint=corpus.fingerprint, corpus=corpus.summary(), **(extra_meta or {}))
-    tmp = cfg_path.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(resolved, sort_keys=True))
-    os.replace(tmp, cfg_path)  # last: a directory with config.yaml is a complete run start
+    rundir.write_text(cfg_path, yaml.safe_dump(resolved, sort_keys=True))  # last: config.yaml = a complete start
     return False
 
 
@@ -246,9 +244,7 @@ def _truncate_jsonl(path: Path, max_step: int) -> None:
     if not path.exists():
         return
     keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= max_step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
-    os.replace(tmp, path)
+    rundir.write_text(path, "".join(ln + "\n" for ln in keep))
 
 
 # ----------------------------------------------------------------------------------------------- forks
