@@ -12,6 +12,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from moegrok.errors import MoegrokError
 from moegrok.model.model import MoeLM, sample_nll, token_nll
 from moegrok.model.moe import data_parallel_impl
 
@@ -138,6 +139,33 @@ def _pad_rows(a: np.ndarray, rows: int) -> np.ndarray:
     return np.concatenate([a, pad])
 
 
+class ProbeInputError(MoegrokError, ValueError):
+    """Token rows a probe function cannot use; the message names the function, the argument and what it expected."""
+
+
+def _rows(model: MoeLM, tokens_NxT, mask_NxT, where: str, **extra) -> tuple[np.ndarray, ...]:
+    """Checked (tokens int32, mask bool, *extra bool masks): 2-D, one shape, ids inside the model's vocabulary
+    (an id outside it would silently gather garbage embeddings)."""
+    tokens = np.asarray(tokens_NxT)
+    if tokens.ndim != 2 or (tokens.size and tokens.dtype.kind not in "iu"):
+        raise ProbeInputError(f"{where}: tokens must be a 2-D integer array [N, T], got shape {tokens.shape} "
+                              f"dtype {tokens.dtype}")
+    mask = np.asarray(mask_NxT, bool)
+    out = [tokens.astype(np.int32), mask]
+    for name, m in (("mask", mask), *extra.items()):
+        m = np.asarray(m, bool)
+        if m.shape != tokens.shape:
+            raise ProbeInputError(f"{where}: {name} has shape {m.shape}, tokens {tokens.shape}; they must match")
+        if name != "mask":
+            out.append(m)
+    real = tokens[mask]
+    V = model.cfg.vocab_size
+    if real.size and (real.min() < 0 or real.max() >= V):
+        raise ProbeInputError(f"{where}: token ids must be in [0, {V}) (the model's vocab_size); got "
+                              f"{int(real.min())}..{int(real.max())}")
+    return tuple(out)
+
+
 def probe_record(model: MoeLM, tokens_NxT: np.ndarray, mask_NxT: np.ndarray, sample_ids: Sequence[int],
                  domains: Sequence[str], batch_size: int = 64, progress=None,
                  answer_mask_NxT: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -147,13 +175,14 @@ def probe_record(model: MoeLM, tokens_NxT: np.ndarray, mask_NxT: np.ndarray, sam
     the record also holds ``answer_loss``: the mean NLL over those tokens only, NaN for a sample without any.
     Returns a dict with the fields of `moegrok.rundir.PROBE_FIELDS` (plus ``answer_loss`` when asked).
     """
-    tokens_NxT = np.asarray(tokens_NxT, np.int32)
-    mask_NxT = np.asarray(mask_NxT, bool)
     with_answer = answer_mask_NxT is not None
-    answer_NxT = np.asarray(answer_mask_NxT, bool) if with_answer else np.zeros(mask_NxT.shape, bool)
-    if answer_NxT.shape != mask_NxT.shape:
-        raise ValueError(f"probe_record: answer_mask shape {answer_NxT.shape} != mask shape {mask_NxT.shape}")
+    tokens_NxT, mask_NxT, answer_NxT = _rows(
+        model, tokens_NxT, mask_NxT, "probe_record",
+        answer_mask=answer_mask_NxT if with_answer else np.zeros(np.shape(tokens_NxT), bool))
     n = tokens_NxT.shape[0]
+    if len(sample_ids) != n or len(domains) != n:
+        raise ProbeInputError(f"probe_record: {n} token rows but {len(sample_ids)} sample_ids and {len(domains)} "
+                              "domains; one of each per row")
     bs = _batch_rows(batch_size, n)
     parts: dict[str, list] = {}
     for sl in _batches(n, bs):
@@ -187,7 +216,7 @@ def _nll_batch(model: MoeLM, moe_impl, tokens_BxT, mask_BxT):
 
 def mean_token_nll(model: MoeLM, tokens_NxT: np.ndarray, mask_NxT: np.ndarray, batch_size: int = 64) -> float:
     """Validation loss: mean next-token NLL over all valid positions of all samples."""
-    tokens_NxT, mask_NxT = np.asarray(tokens_NxT, np.int32), np.asarray(mask_NxT, bool)
+    tokens_NxT, mask_NxT = _rows(model, tokens_NxT, mask_NxT, "mean_token_nll")
     n = tokens_NxT.shape[0]
     bs = _batch_rows(batch_size, n)
     tot, cnt = 0.0, 0.0
@@ -204,7 +233,7 @@ def _token_logprobs(model: MoeLM, moe_impl, tokens_BxT, mask_BxT):
 
 def token_logprobs(model: MoeLM, tokens_NxT: np.ndarray, mask_NxT: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """log p(token t+1 | tokens <= t) for every position, [N, T-1] (multiple-choice scoring)."""
-    tokens_NxT, mask_NxT = np.asarray(tokens_NxT, np.int32), np.asarray(mask_NxT, bool)
+    tokens_NxT, mask_NxT = _rows(model, tokens_NxT, mask_NxT, "token_logprobs")
     n = tokens_NxT.shape[0]
     bs = _batch_rows(batch_size, n)
     return np.concatenate([
@@ -227,13 +256,15 @@ def score_answers(model: MoeLM, tokens_NxT: np.ndarray, mask_NxT: np.ndarray, an
     Teacher-forced argmax over the answer positions: an answer is all-correct under teacher forcing exactly when
     greedy decoding reproduces it, so one forward pass per item replaces a decoding loop.
     """
-    tokens_NxT, mask_NxT = np.asarray(tokens_NxT, np.int32), np.asarray(mask_NxT, bool)
-    answer_NxT = np.asarray(answer_mask_NxT, bool)
+    tokens_NxT, mask_NxT, answer_NxT = _rows(model, tokens_NxT, mask_NxT, "score_answers",
+                                             answer_mask=answer_mask_NxT)
     n = tokens_NxT.shape[0]
     if n == 0:
         return np.zeros((0,), bool)
     if not answer_NxT.any(axis=1).all():
-        raise ValueError("every test item needs at least one answer token")
+        bad = np.flatnonzero(~answer_NxT.any(axis=1))
+        raise ProbeInputError(f"score_answers: every test item needs at least one answer token; rows {bad[:5].tolist()}"
+                              f"{' ...' if len(bad) > 5 else ''} have none")
     bs = _batch_rows(batch_size, n)
     return np.concatenate([
         np.asarray(_answer_hits(model, *(_pad_rows(a[sl], bs)
