@@ -43,10 +43,9 @@ def training_figure(run_dir: Path, out: Path) -> Path | None:
     metrics = rd.metrics()
     if not metrics or not rd.steps:
         return None
-    import matplotlib
+    from moegrok.tables import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     ax1.plot([m["step"] for m in metrics], [m["lm_loss"] for m in metrics], lw=1)

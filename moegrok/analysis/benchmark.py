@@ -30,6 +30,7 @@ import numpy as np
 from moegrok.analysis import indicators as ind
 from moegrok.analysis.transition import MIN_DELAY, Transition, run_transitions
 from moegrok.errors import MoegrokError
+from moegrok.tables import fmt, pyplot, write_csv
 
 PRE = 2  # checkpoints before t_mem where the change-point window starts
 WINDOW = MIN_DELAY  # AUROC window length in checkpoints
@@ -195,36 +196,15 @@ ROW_FIELDS = ("run", "domain", "twin", "fork", "indicator", "t_mem_step", "onset
               "change_step", "lead_ckpt", "lead_steps", "window_score")
 
 
-def _fmt(v, spec=".2f") -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "n/a"
-    return format(v, spec) if isinstance(v, float) else str(v)
-
-
-def write_csv(path: Path, rows: Sequence[Mapping], fields: Sequence[str]) -> None:
-    import csv
-    import io
-
-    from moegrok.rundir import write_text
-
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(fields), extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: ("" if r.get(k) is None or (isinstance(r.get(k), float) and not math.isfinite(r[k]))
-                        else r[k]) for k in fields})
-    write_text(path, buf.getvalue())
-
-
 def transitions_table(runs: Sequence[tuple[str, Mapping[str, Transition], set[str]]]) -> str:
     """Markdown table of (run name, {domain: Transition}, twin domains) entries."""
     lines = ["| run | domain | memorized at step | gain G | 10 % point (step) | delay (ckpts) | 10-90 % rise | "
              "late and sharp |", "|---|---|---|---|---|---|---|---|"]
     for name, transitions, twins in runs:
         for d, t in transitions.items():
-            lines.append(f"| {name} | {d}{' (twin)' if d in twins else ''} | {_fmt(t.t_mem_step)} | "
-                         f"{_fmt(t.gain, '+.2f')} | {_fmt(t.onset_step)} | {_fmt(t.delay)} | "
-                         f"{_fmt(t.rise_frac, '.0%')} | {'**yes**' if t.late_sharp else 'no'} |")
+            lines.append(f"| {name} | {d}{' (twin)' if d in twins else ''} | {fmt(t.t_mem_step, 'd')} | "
+                         f"{fmt(t.gain, '+.2f')} | {fmt(t.onset_step, 'd')} | {fmt(t.delay, 'd')} | "
+                         f"{fmt(t.rise_frac, '.0%')} | {'**yes**' if t.late_sharp else 'no'} |")
     return "\n".join(lines)
 
 
@@ -248,11 +228,11 @@ def markdown(runs: Sequence[RunInfo], summary: Sequence[dict]) -> str:
     for s in summary:
         lines.append(
             f"| {s['label']} | {'rises' if s['direction'] > 0 else 'falls'} | {s['n']} | "
-            f"{_fmt(s['median_lead_ckpt'], '+.1f')} [{_fmt(s['q25_lead_ckpt'], '+.1f')}, "
-            f"{_fmt(s['q75_lead_ckpt'], '+.1f')}] | {_fmt(s['median_lead_steps'], '+.0f')} | "
-            f"{_fmt(s['frac_leading'], '.0%')} | {_fmt(s['sign_p'], '.3g')} ({s['sign_k']}/{s['sign_n']}) | "
-            f"{_fmt(s['auroc_twin'])} ({s['n_pos']}/{s['n_twin']}) | {_fmt(s['auroc_all'])} | "
-            f"{_fmt(s['fork_slope'])}, {_fmt(s['fork_r'])} ({s['fork_n']}) |")
+            f"{fmt(s['median_lead_ckpt'], '+.1f')} [{fmt(s['q25_lead_ckpt'], '+.1f')}, "
+            f"{fmt(s['q75_lead_ckpt'], '+.1f')}] | {fmt(s['median_lead_steps'], '+.0f')} | "
+            f"{fmt(s['frac_leading'], '.0%')} | {fmt(s['sign_p'], '.3g')} ({s['sign_k']}/{s['sign_n']}) | "
+            f"{fmt(s['auroc_twin'], '.2f')} ({s['n_pos']}/{s['n_twin']}) | {fmt(s['auroc_all'], '.2f')} | "
+            f"{fmt(s['fork_slope'], '.2f')}, {fmt(s['fork_r'], '+.2f')} ({s['fork_n']}) |")
     lines += ["", "## Transitions", "",
               transitions_table([(r.name, r.transitions, r.twins) for r in runs]), "",
               "## Figures", "", "![aligned](figures/aligned.png)", "", "![leads](figures/leads.png)", ""]
@@ -267,9 +247,7 @@ def _zscore(v: np.ndarray) -> np.ndarray:
 
 def fig_aligned(runs: Sequence[RunInfo], path: Path) -> None:
     """Every indicator's curves aligned on each transition's onset (z-scored per run), the twins in grey."""
-    from moegrok.analysis.figures import _plt
-
-    plt = _plt()
+    plt = pyplot()
     names = list(ind.REGISTRY)
     cols = 4
     rows_n = math.ceil(len(names) / cols)
@@ -299,9 +277,7 @@ def fig_aligned(runs: Sequence[RunInfo], path: Path) -> None:
 
 def fig_leads(rows: Sequence[dict], path: Path) -> None:
     """Lead times per indicator (one dot per transition), median marked."""
-    from moegrok.analysis.figures import _plt
-
-    plt = _plt()
+    plt = pyplot()
     names = list(ind.REGISTRY)
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(names) + 1.2))
     rng = np.random.default_rng(0)

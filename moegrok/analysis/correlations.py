@@ -14,6 +14,7 @@ import numpy as np
 import scipy.stats
 
 from moegrok.errors import MoegrokError
+from moegrok.tables import NA, fmt, fmt_p
 
 NAN = float("nan")
 MIN_N = 3  # fewest checkpoints a correlation is computed on
@@ -253,23 +254,13 @@ def compare_with_control(rows: Sequence[CorrRow], control_rows: Sequence[CorrRow
     return out
 
 
-def _fmt(v: float, spec: str = ".3f") -> str:
-    return "—" if not np.isfinite(v) else format(v, spec)
-
-
-def _fmt_p(p: float) -> str:
-    if not np.isfinite(p):
-        return "—"
-    return f"{p:.2g}" if p >= 1e-3 else f"{p:.1e}"
-
-
 def format_cell(r: CorrRow) -> str:
     c = r.corr
     if not c.ok:
         return c.note.replace("|", "/")
-    rho = (f"ρ={_fmt(c.spearman_r, '+.2f')} (p={_fmt_p(c.spearman_p)})" if np.isfinite(c.spearman_r)
+    rho = (f"ρ={fmt(c.spearman_r, '+.2f')} (p={fmt_p(c.spearman_p)})" if np.isfinite(c.spearman_r)
            else f"ρ n/a ({(c.note or 'undefined').replace('|', '/')})")
-    s = f"r={_fmt(c.pearson_r, '+.2f')} (p={_fmt_p(c.pearson_p)}, adj {_fmt_p(r.pearson_p_adj)}); {rho}; n={c.n}"
+    s = f"r={fmt(c.pearson_r, '+.2f')} (p={fmt_p(c.pearson_p)}, adj {fmt_p(r.pearson_p_adj)}); {rho}; n={c.n}"
     if r.tracks_time:
         s += " ⚠ same in control"
     return s
@@ -283,7 +274,7 @@ def markdown_table(rows: Sequence[CorrRow], window: str, kind: str, metric_order
     lines = ["| metric | " + " | ".join(domains) + " |", "|---" * (len(domains) + 1) + "|"]
     for m in metric_order:
         if any((m, d) in cell for d in domains):
-            lines.append(f"| {m} | " + " | ".join(cell.get((m, d), "—") for d in domains) + " |")
+            lines.append(f"| {m} | " + " | ".join(cell.get((m, d), NA) for d in domains) + " |")
     return "\n".join(lines)
 
 

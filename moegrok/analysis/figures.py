@@ -11,26 +11,18 @@ from typing import Callable, Sequence
 import numpy as np
 
 from moegrok.analysis.run_metrics import NAN, Analysis, DomainResult, cell_number, cell_text
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+from moegrok.tables import pyplot
 
 
 def _colors() -> list[str]:
-    return _plt().rcParams["axes.prop_cycle"].by_key()["color"]
+    return pyplot().rcParams["axes.prop_cycle"].by_key()["color"]
 
 
 def _per_domain(a: Analysis, path: Path, title: str, ylabel: str, panel: Callable[..., str | None],
                 lead: str = "") -> tuple[Path, str]:
     """Draws one panel per domain through `panel(ax, domain_result)`, which returns the domain's sentence of reading
     (None: nothing to say); saves the figure to `path`. Returns (path, reading)."""
-    plt = _plt()
+    plt = pyplot()
     n = max(len(a.domains), 1)
     fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 3.8), squeeze=False)
     fig.suptitle(title)
@@ -100,7 +92,7 @@ def fig_lag(a: Analysis, path: Path) -> tuple[Path, str]:
     """One row per domain, one panel per drawn pair: Train@p's mean probe loss (solid) and Test@q's accuracy
     (dashed), the lag as an arrow between the two checkpoints."""
     d = a.data
-    plt = _plt()
+    plt = pyplot()
     colors = _colors()
     n_rows = max(len(a.domains), 1)
     fig, axes = plt.subplots(n_rows, LAG_PANELS, figsize=(3.4 * LAG_PANELS, 2.7 * n_rows), squeeze=False)

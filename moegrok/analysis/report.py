@@ -7,18 +7,18 @@ run too), then this module writes ``metrics.csv``, ``layerwise.csv``, ``samples.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping
 
 import numpy as np
 
 from moegrok.analysis import correlations as corr_mod
 from moegrok.rundir import method_link
+from moegrok.tables import write_csv
 from moegrok.analysis.figures import write_figures
 from moegrok.analysis.run_metrics import (METRICS, NAN, PATHWAY_FIELDS, Analysis, AnalysisConfig, RunData, cell_text,
                                           compute_analysis, in_run_controls)
@@ -37,22 +37,6 @@ def analyze(run_dir: str | os.PathLike, cfg: AnalysisConfig = AnalysisConfig(),
 
 # ----------------------------------------------------------------------------------------------------------------
 # Writing: CSV, Markdown, JSON
-
-def _cell(v) -> Any:
-    if isinstance(v, (bool, np.bool_)):
-        return str(bool(v))
-    if isinstance(v, (float, np.floating)):
-        return "" if not math.isfinite(v) else f"{float(v):.6g}"
-    return v
-
-
-def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], fields: Sequence[str]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: _cell(r.get(k, "")) for k in fields})
-
 
 METRIC_FIELDS = ("step", "checkpoint", "domain", "group", "n_samples", "loss_mean", "S_mean", "S_n_na", "C_mean",
                  "R_mean") + PATHWAY_FIELDS + ("note",)

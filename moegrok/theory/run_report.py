@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 
 from moegrok.theory.fromrun import KERNELS, RunTheoryConfig, run_theory_rows
-from moegrok.theory.report import NA, corr_text, correlation, pyplot, write_csv
+from moegrok.tables import NA, pyplot, write_csv
+from moegrok.theory.report import corr_text, correlation
 
 TARGETS = ("path_dist", "path_dist_layer", "accuracy", "step")
 

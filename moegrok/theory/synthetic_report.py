@@ -7,7 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from moegrok.theory.report import correlation, corr_text, fmt, fmt_p, pyplot, write_csv
+from moegrok.tables import fmt, fmt_p, pyplot, write_csv
+from moegrok.theory.report import corr_text, correlation
 from moegrok.theory.synthetic import SyntheticConfig, SyntheticResult
 
 DISTANCES = ("path_dist_text", "path_dist_expert")
