@@ -239,12 +239,17 @@ def corpus_steps(corpus, tcfg: TrainConfig) -> int:
     return min(corpus.num_steps, tcfg.max_steps) if tcfg.max_steps else corpus.num_steps
 
 
+def _copy_jsonl_until(src: Path, dst: Path, max_step: int) -> None:
+    """Write the lines of a step-keyed log up to `max_step` from `src` to `dst` (atomically; `src` may be `dst`)."""
+    if not src.exists():
+        return
+    keep = [ln for ln in src.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= max_step]
+    rundir.write_text(dst, "".join(ln + "\n" for ln in keep))
+
+
 def _truncate_jsonl(path: Path, max_step: int) -> None:
     """Drop lines logged after the checkpoint we resume from: they will be logged again."""
-    if not path.exists():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= max_step]
-    rundir.write_text(path, "".join(ln + "\n" for ln in keep))
+    _copy_jsonl_until(path, path, max_step)
 
 
 # ----------------------------------------------------------------------------------------------- forks
@@ -290,10 +295,7 @@ def copy_fork_history(parent: Path, step: int, run_dir: Path) -> None:
         if int(src.name[5:]) <= step:
             shutil.copytree(src, records / src.name)
     for name in ("metrics.jsonl", "sample_ids.jsonl"):
-        if (parent / name).exists():
-            rows = [ln for ln in (parent / name).read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= step]
-            rundir.write_text(run_dir / name, "".join(ln + "\n" for ln in rows))
+        _copy_jsonl_until(parent / name, run_dir / name, step)
     tmp = run_dir / f".fork-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(parent / "checkpoints" / str(step), tmp)
