@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from moegrok import rundir
+from moegrok import distributed, rundir
 from moegrok.data.user import iter_lines, json_object
 from moegrok.errors import MoegrokError
 from moegrok.training.config import request_host_devices
@@ -233,32 +233,39 @@ def run(checkpoints: Sequence[str | Path], texts: str | Path, run_dir: str | Pat
 
     run_dir = Path(run_dir)
     cks = order_checkpoints(checkpoints)
+    shapes = trajectory_shapes(cks)
     probes = read_texts(texts)
     test_rows = read_tests(tests) if tests else []
     if mc_norm not in ("sum", "mean"):
         raise MoegrokError(f"olmoe: --mc-norm must be 'sum' or 'mean', got {mc_norm!r}")
-    run_dir.mkdir(parents=True, exist_ok=True)
     probe_rows = [{"id": r["id"], "domain": r["domain"], "text": r["text"]} for r in probes]
     if (run_dir / "probes.jsonl").exists() and rundir.read_jsonl(run_dir / "probes.jsonl") != probe_rows:
         raise MoegrokError(f"{run_dir} holds records of other probe texts; use a new --run-dir")
-    rundir.write_jsonl(run_dir / "probes.jsonl", probe_rows)
-    rundir.write_jsonl(run_dir / "tests.jsonl", [
-        {"id": t["id"], "domain": t["domain"], "prompt": t["question"], "answer": t["choices"][t["answer"]]}
-        for t in test_rows])
+    # Several processes: the same inputs everywhere, checkpoints split between them (each finished one is written
+    # once, by the process that computed it), the run directory's other files written by process 0.
     done = set(rundir.RunDir(run_dir).steps) if (run_dir / "meta.json").exists() else set()
-    rundir.write_meta(run_dir, producer="olmoe", domains=sorted({r["domain"] for r in probes}),
-                      checkpoints=[{"path": str(c.path), "step": c.step} for c in cks], finished=False)
+    distributed.agree({"checkpoints": [(c.step, c.path.name) for c in cks], "probes": probe_rows,
+                       "tests": test_rows, "done": sorted(done), "dtype": dtype, "batch_size": batch_size,
+                       "max_len": max_len, "mc_norm": mc_norm, "truncate": truncate},
+                      "olmoe's inputs (checkpoints, texts, tests, options or the records already in --run-dir)")
+    if distributed.is_writer():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        rundir.write_jsonl(run_dir / "probes.jsonl", probe_rows)
+        rundir.write_jsonl(run_dir / "tests.jsonl", [
+            {"id": t["id"], "domain": t["domain"], "prompt": t["question"], "answer": t["choices"][t["answer"]]}
+            for t in test_rows])
+        rundir.write_meta(run_dir, producer="olmoe", domains=sorted({r["domain"] for r in probes}),
+                          checkpoints=[{"path": str(c.path), "step": c.step} for c in cks], finished=False,
+                          total_steps=cks[-1].step, **shapes)
+    distributed.barrier("olmoe: run directory ready")
+    todo = distributed.my_share([c for c in cks if c.step not in done])
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(cks), desc="checkpoints", unit="ckpt", dynamic_ncols=True)
+        bar = tqdm(total=len(todo), desc="checkpoints", unit="ckpt", dynamic_ncols=True)
     try:
-        for ck in cks:
-            if ck.step in done:
-                if bar:
-                    bar.update(1)
-                continue
+        for ck in todo:
             model = load_olmoe(ck.path, dtype=dtype, progress=progress)
             cfg = model.cfg
             tok = load_tokenizer(Path(tokenizer) if tokenizer else ck.path)
@@ -270,18 +277,17 @@ def run(checkpoints: Sequence[str | Path], texts: str | Path, run_dir: str | Pat
                 from tqdm.auto import tqdm
 
                 inner = tqdm(total=len(seqs), desc=f"step {ck.step}", unit="text", leave=False)
-            record = record_for(model, seqs, [_int_id(r["id"], i) for i, r in enumerate(probes)],
-                                [r["domain"] for r in probes], batch_size, pad_id, inner)
-            if inner:
-                inner.close()
-            ev: dict[str, Any] = {"val_loss": {}, "test": {}}
-            if correctness_dir:
-                ev["test"] = read_correctness(Path(correctness_dir) / f"{ck.path.name}.json")
-            elif test_rows:
-                ev["test"] = score_multiple_choice(model, tok, test_rows, limit, batch_size, pad_id, mc_norm)
+            with distributed.alone():  # this checkpoint is this process's alone
+                record = record_for(model, seqs, [_int_id(r["id"], i) for i, r in enumerate(probes)],
+                                    [r["domain"] for r in probes], batch_size, pad_id, inner)
+                if inner:
+                    inner.close()
+                ev: dict[str, Any] = {"val_loss": {}, "test": {}}
+                if correctness_dir:
+                    ev["test"] = read_correctness(Path(correctness_dir) / f"{ck.path.name}.json")
+                elif test_rows:
+                    ev["test"] = score_multiple_choice(model, tok, test_rows, limit, batch_size, pad_id, mc_norm)
             rundir.write_record(run_dir, ck.step, record, ev)
-            rundir.write_meta(run_dir, num_layers=cfg.num_hidden_layers, num_experts=cfg.num_experts,
-                              top_k=cfg.num_experts_per_tok, d_model=cfg.hidden_size)
             del model, record
             gc.collect()  # one checkpoint resident at a time
             if bar:
@@ -289,8 +295,32 @@ def run(checkpoints: Sequence[str | Path], texts: str | Path, run_dir: str | Pat
     finally:
         if bar:
             bar.close()
-    rundir.write_meta(run_dir, finished=True)
+    try:
+        distributed.barrier("olmoe: every checkpoint recorded")
+    except Exception as e:
+        if not distributed.peer_failure(e):
+            raise
+        raise distributed.lost(e, "after its checkpoints", None) from None
+    if distributed.is_writer():
+        rundir.write_meta(run_dir, finished=True)
     return run_dir
+
+
+def trajectory_shapes(cks: Sequence[Checkpoint]) -> dict[str, int]:
+    """The model shape every checkpoint's config.json gives (meta.json's fields); checkpoints must agree."""
+    from moegrok.convert.hf import CONFIG, read_json, moe_config_from_hf_json
+
+    first = None
+    for ck in cks:
+        cfg = moe_config_from_hf_json(read_json(ck.path / CONFIG, "OLMoE config"), str(ck.path / CONFIG))
+        shape = {"num_layers": cfg.num_hidden_layers, "num_experts": cfg.num_experts,
+                 "top_k": cfg.num_experts_per_tok, "d_model": cfg.hidden_size}
+        if first is None:
+            first = (ck, shape)
+        elif shape != first[1]:
+            raise MoegrokError(f"olmoe: {ck.path} has shape {shape}, {first[0].path} {first[1]}; the checkpoints of "
+                               "one trajectory must share the model's shape")
+    return first[1]
 
 
 def _int_id(x, i: int) -> int:
@@ -320,6 +350,7 @@ def register(sub) -> None:
                    help="on CPU, split the machine into this many XLA devices and each batch across them "
                         "(default: the number of cores, at most 8; 1 = off). Weights are shared, not copied")
     p.add_argument("--no-progress", action="store_true")
+    distributed.add_arguments(p)
     p.set_defaults(func=_cli)
 
 
@@ -353,7 +384,12 @@ def _cli(args: argparse.Namespace) -> int:
     if not isinstance(cpu_devices, int) or cpu_devices < 1:
         raise MoegrokError(f"olmoe: cpu_devices must be a positive integer, got {cpu_devices!r}")
     request_host_devices(cpu_devices)  # before anything starts JAX
-    out = run(opts.pop("checkpoints"), opts.pop("texts"), opts.pop("run_dir"), progress=not args.no_progress,
-              **opts)
+    if distributed.requested(args):
+        distributed.initialize(args)
+    try:
+        out = run(opts.pop("checkpoints"), opts.pop("texts"), opts.pop("run_dir"), progress=not args.no_progress,
+                  **opts)
+    except distributed.ProcessLost as e:
+        distributed.exit_after_loss(e, "olmoe")
     print(f"run directory: {out}")
     return 0

@@ -12,6 +12,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from moegrok import distributed
 from moegrok.errors import MoegrokError
 from moegrok.model.model import MoeLM, sample_nll, token_nll
 from moegrok.model.moe import data_parallel_impl
@@ -86,6 +87,7 @@ def _jit_on_state(fn):
 
     def call(model: MoeLM, *args):
         graphdef, state = nnx.split(model)
+        state = distributed.host_local(state)  # a multi-process trainer's global arrays: this process's replica
         mesh = _data_mesh()
         impl = None
         if mesh is not None:
@@ -124,6 +126,26 @@ def _probe_batch(model: MoeLM, moe_impl, tokens_BxT, mask_BxT, answer_BxT):
         "topk_ids": jnp.transpose(topi, (1, 2, 0, 3)).astype(jnp.int32),  # [B, T, L, k]
         "topk_weights": jnp.transpose(topw, (1, 2, 0, 3)),
     }
+
+
+def _map_rows(batch_fn, model: MoeLM, arrays: Sequence[np.ndarray], batch_size: int, progress=None):
+    """`batch_fn`'s per-row outputs (a pytree of arrays with rows first) over all rows of `arrays`.
+
+    Rows go in batches padded to one compiled size. With several processes each computes an equal share of the
+    rows on its own devices and the shares are gathered, so every process gets the whole result, in row order."""
+    n = arrays[0].shape[0]
+    start, stop, share = distributed.row_share(n)
+    share = max(share, 1)  # no rows: one padded batch still gives the output's shape
+    mine = [_pad_rows(a[start:stop], share) for a in arrays]
+    bs = _batch_rows(batch_size, share)
+    parts = []
+    for sl in _batches(share, bs):
+        out = batch_fn(model, *(_pad_rows(a[sl], bs) for a in mine))
+        parts.append(jax.tree.map(lambda v, k=sl.stop - sl.start: np.asarray(v)[:k], out))
+        if progress is not None:
+            progress.update(max(0, min(sl.stop, stop - start) - sl.start))
+    local = jax.tree.map(lambda *v: np.concatenate(v), *parts)
+    return jax.tree.map(lambda a: a[:n], distributed.gather_rows(local, n))
 
 
 def _batches(n: int, batch_size: int) -> Iterable[slice]:
@@ -183,16 +205,7 @@ def probe_record(model: MoeLM, tokens_NxT: np.ndarray, mask_NxT: np.ndarray, sam
     if len(sample_ids) != n or len(domains) != n:
         raise ProbeInputError(f"probe_record: {n} token rows but {len(sample_ids)} sample_ids and {len(domains)} "
                               "domains; one of each per row")
-    bs = _batch_rows(batch_size, n)
-    parts: dict[str, list] = {}
-    for sl in _batches(n, bs):
-        rows = sl.stop - sl.start
-        out = _probe_batch(model, *(_pad_rows(a[sl], bs) for a in (tokens_NxT, mask_NxT, answer_NxT)))
-        for key, v in out.items():
-            parts.setdefault(key, []).append(np.asarray(v)[:rows])
-        if progress is not None:
-            progress.update(rows)
-    rec = {k: np.concatenate(v) for k, v in parts.items()}
+    rec = _map_rows(_probe_batch, model, (tokens_NxT, mask_NxT, answer_NxT), batch_size, progress)
     if not with_answer:
         del rec["answer_loss"]
     rec["topk_ids"] = np.where(mask_NxT[:, :, None, None], rec["topk_ids"], 0).astype(np.int32)
@@ -200,7 +213,7 @@ def probe_record(model: MoeLM, tokens_NxT: np.ndarray, mask_NxT: np.ndarray, sam
     rec.update(
         sample_ids=np.asarray(sample_ids, np.int64),
         domains=np.asarray(list(domains), dtype=str),
-        router_weights=np.asarray(model.router_weights(), np.float32),
+        router_weights=np.asarray(distributed.host_local(model.router_weights()), np.float32),
         token_mask=mask_NxT,
         tokens=tokens_NxT,
     )
@@ -217,13 +230,8 @@ def _nll_batch(model: MoeLM, moe_impl, tokens_BxT, mask_BxT):
 def mean_token_nll(model: MoeLM, tokens_NxT: np.ndarray, mask_NxT: np.ndarray, batch_size: int = 64) -> float:
     """Validation loss: mean next-token NLL over all valid positions of all samples."""
     tokens_NxT, mask_NxT = _rows(model, tokens_NxT, mask_NxT, "mean_token_nll")
-    n = tokens_NxT.shape[0]
-    bs = _batch_rows(batch_size, n)
-    tot, cnt = 0.0, 0.0
-    for sl in _batches(n, bs):
-        s, c = _nll_batch(model, _pad_rows(tokens_NxT[sl], bs), _pad_rows(mask_NxT[sl], bs))
-        tot, cnt = tot + float(np.asarray(s).sum(dtype=np.float64)), cnt + float(np.asarray(c).sum())
-    return tot / max(cnt, 1.0)
+    s, c = _map_rows(_nll_batch, model, (tokens_NxT, mask_NxT), batch_size)
+    return float(s.sum(dtype=np.float64)) / max(float(c.sum(dtype=np.float64)), 1.0)
 
 
 @_jit_on_state
@@ -234,12 +242,7 @@ def _token_logprobs(model: MoeLM, moe_impl, tokens_BxT, mask_BxT):
 def token_logprobs(model: MoeLM, tokens_NxT: np.ndarray, mask_NxT: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """log p(token t+1 | tokens <= t) for every position, [N, T-1] (multiple-choice scoring)."""
     tokens_NxT, mask_NxT = _rows(model, tokens_NxT, mask_NxT, "token_logprobs")
-    n = tokens_NxT.shape[0]
-    bs = _batch_rows(batch_size, n)
-    return np.concatenate([
-        np.asarray(_token_logprobs(model, _pad_rows(tokens_NxT[sl], bs), _pad_rows(mask_NxT[sl], bs)))[
-            : sl.stop - sl.start]
-        for sl in _batches(n, bs)])
+    return _map_rows(_token_logprobs, model, (tokens_NxT, mask_NxT), batch_size)
 
 
 @_jit_on_state
@@ -265,8 +268,4 @@ def score_answers(model: MoeLM, tokens_NxT: np.ndarray, mask_NxT: np.ndarray, an
         bad = np.flatnonzero(~answer_NxT.any(axis=1))
         raise ProbeInputError(f"score_answers: every test item needs at least one answer token; rows {bad[:5].tolist()}"
                               f"{' ...' if len(bad) > 5 else ''} have none")
-    bs = _batch_rows(batch_size, n)
-    return np.concatenate([
-        np.asarray(_answer_hits(model, *(_pad_rows(a[sl], bs)
-                                         for a in (tokens_NxT, mask_NxT, answer_NxT))))[: sl.stop - sl.start]
-        for sl in _batches(n, bs)])
+    return _map_rows(_answer_hits, model, (tokens_NxT, mask_NxT, answer_NxT), batch_size)

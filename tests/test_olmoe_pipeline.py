@@ -126,6 +126,39 @@ def test_records_on_two_cpu_devices_match_transformers(trajectory, tmp_path):
     check_against_transformers(root, out)
 
 
+def test_two_processes_split_the_trajectory(trajectory, tmp_path):
+    """Two processes on 127.0.0.1 share a resumed trajectory: step 100 is already recorded, the other two go one to
+    each process; the records equal one process's (and transformers')."""
+    import socket
+
+    root, dirs, texts, tests = trajectory
+    out, alone = tmp_path / "run", tmp_path / "alone"
+    run(dirs[1:2], texts, out, tests=tests, batch_size=3, progress=False)  # step 100 only
+    first = (out / "records" / "step_000000100" / "probe.npz").stat().st_mtime_ns
+    run(dirs, texts, alone, tests=tests, batch_size=3, progress=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [subprocess.Popen([sys.executable, "-m", "moegrok.cli", "olmoe", "--checkpoints", *map(str, dirs),
+                               "--texts", str(texts), "--tests", str(tests), "--run-dir", str(out), "--batch-size",
+                               "3", "--cpu-devices", "1", "--no-progress", "--coordinator", f"127.0.0.1:{port}",
+                               "--num-processes", "2", "--process-id", str(i)],
+                              env={**env, "JAX_PLATFORMS": "cpu"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    assert (out / "records" / "step_000000100" / "probe.npz").stat().st_mtime_ns == first
+    check_against_transformers(root, out)
+    a, b = RunDir(out), RunDir(alone)
+    for step in a.steps:
+        for k in ("sample_loss", "route_probs", "topk_weights"):
+            np.testing.assert_allclose(getattr(a.probe(step), k), getattr(b.probe(step), k), atol=1e-6)
+        np.testing.assert_array_equal(a.probe(step).topk_ids, b.probe(step).topk_ids)
+    assert a.meta["total_steps"] == 300 and a.meta["finished"]
+
+
 SHARE_SCRIPT = """
 import jax, numpy as np
 from flax import nnx

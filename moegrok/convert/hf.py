@@ -75,7 +75,7 @@ def hf_config_dict(cfg: MoeConfig, dtype: str) -> dict[str, Any]:
     return d
 
 
-def _read_json(path: Path, what: str) -> Any:
+def read_json(path: Path, what: str) -> Any:
     if not path.is_file():
         raise MoegrokError(f"{path}: missing ({what})")
     try:
@@ -148,7 +148,7 @@ def checkpoint_index(path: str | os.PathLike) -> dict[str, st.TensorInfo]:
     path = Path(path)
     if (path / INDEX).is_file():
         index_path = path / INDEX
-        raw = _read_json(index_path, "shard index")
+        raw = read_json(index_path, "shard index")
         wmap = raw.get("weight_map") if isinstance(raw, dict) else None
         if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
             raise MoegrokError(f"{index_path}: field 'weight_map' must map tensor names to shard file names")
@@ -336,7 +336,7 @@ def load_olmoe(path: str | os.PathLike, dtype: str | None = None, moe_impl: str 
     path = Path(path)
     if not path.is_dir():
         raise MoegrokError(f"{path}: not a directory (expected a Hugging Face OLMoE checkpoint directory)")
-    cfg_json = _read_json(path / CONFIG, "the model config")
+    cfg_json = read_json(path / CONFIG, "the model config")
     cfg = moe_config_from_hf_json(cfg_json, str(path / CONFIG), moe_impl=moe_impl)
     index = checkpoint_index(path)
     fused = frozenset(i for i in range(cfg.num_hidden_layers) if fused_keys(i)[0] in index)

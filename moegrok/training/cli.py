@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from moegrok import distributed
+
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="train one epoch, writing checkpoints with probe records (resumes)",
@@ -18,8 +20,7 @@ def register(sub) -> None:
                    help="start from another run's checkpoint at STEP with this config's optimizer settings (same "
                         "data order, continuing the epoch); only train.{learning_rate, weight_decay, schedule, ...} "
                         "may differ from the parent's config")
-    p.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize() first (multi-host; see README 'Scaling out')")
+    distributed.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -29,13 +30,17 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = RunConfig.from_dict(load_config_file(args.config, args.overrides))
     fork = parse_fork(args.fork) if args.fork else None
-    if args.distributed:
-        import jax
-
-        jax.distributed.initialize()
+    if distributed.requested(args):
+        # A CPU process exposes its part of the mesh as XLA devices; an even split when the count is known.
+        n = distributed.resolve(args)["num_processes"]
+        if n:
+            request_host_devices(-(-cfg.train.mesh_devices // n))
+        distributed.initialize(args)
     else:  # one host: a CPU is split into as many XLA devices as the mesh asks for
         request_host_devices(cfg.train.mesh_devices)
-    train(cfg, args.run_dir, progress=not args.no_progress, log_sample_ids=args.log_sample_ids,
-          fork=fork)
+    try:
+        train(cfg, args.run_dir, progress=not args.no_progress, log_sample_ids=args.log_sample_ids, fork=fork)
+    except distributed.ProcessLost as e:
+        distributed.exit_after_loss(e, "train")
     print(f"run directory: {args.run_dir}")
     return 0

@@ -28,7 +28,7 @@ import yaml
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from moegrok import rundir
+from moegrok import distributed, rundir
 from moegrok.analysis import indicators
 from moegrok.analysis.indicators import param_norms
 from moegrok.errors import MoegrokError
@@ -92,7 +92,15 @@ def shard_state(state, mesh):
             return NamedSharding(mesh, P("expert"))
         return NamedSharding(mesh, P())
 
-    return jax.tree_util.tree_map_with_path(lambda p, x: jax.device_put(x, spec(p, x)), state)
+    def put(path, x):
+        if distributed.process_count() == 1 or not x.is_fully_addressable:
+            return jax.device_put(x, spec(path, x))
+        # Several processes: every one holds the same value (same seed, or the same checkpoint) and gives its
+        # devices their part of the global array.
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, spec(path, x), lambda idx: host[idx])
+
+    return jax.tree_util.tree_map_with_path(put, state)
 
 
 def shard_batch(x: np.ndarray, mesh):
@@ -196,9 +204,12 @@ def restore_checkpoint(mngr, step: int, model: MoeLM, opt_state):
 
 
 # ----------------------------------------------------------------------------------------------- run directory
-def prepare_run_dir(run_dir: Path, cfg: RunConfig, corpus, extra_meta: dict | None = None) -> bool:
-    """Create or validate the run directory. Returns True if it already holds this run (resume)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+def prepare_run_dir(run_dir: Path, cfg: RunConfig, corpus, extra_meta: dict | None = None, *,
+                    write: bool = True) -> bool:
+    """Create or validate the run directory. Returns True if it already holds this run (resume). With
+    ``write=False`` (a process other than the writer) it only validates what is there."""
+    if write:
+        run_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = run_dir / "config.yaml"
     resolved = cfg.to_dict()
     if cfg_path.exists():
@@ -213,6 +224,8 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig, corpus, extra_meta: dict | No
             raise MoegrokError(f"{run_dir}: the training data changed since this run started (corpus fingerprint "
                                f"differs; were the corpus files edited?); resuming would not be one clean epoch")
         return True
+    if not write:
+        return False
     rundir.write_jsonl(run_dir / "probes.jsonl", corpus.probe_records())
     rundir.write_jsonl(run_dir / "tests.jsonl", corpus.test_records())
     rundir.write_meta(run_dir, producer="train", num_layers=cfg.model.num_hidden_layers,
@@ -343,6 +356,9 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
         raise MoegrokError(f"train config: field 'mesh_data' ({tcfg.mesh_data}) must divide the batch's "
                            f"{batch_rows} rows (documents per step, all domains)")
     mesh = make_mesh(tcfg)  # before the run directory is touched: a bad mesh leaves nothing to clean up
+    writer = distributed.is_writer()  # several processes: process 0 alone writes the run directory
+    distributed.agree({"config": cfg.to_dict(), "fork": None if fork is None else int(fork[1])},
+                      "the run's config (or --fork step)")
     extra_meta = None
     if fork is not None:
         parent, fork_step = Path(fork[0]), int(fork[1])
@@ -354,8 +370,11 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
                                    "use a new --run-dir")
         else:
             check_fork(parent, fork_step, cfg)
-            copy_fork_history(parent, fork_step, run_dir)
-    prepare_run_dir(run_dir, cfg, corpus, extra_meta)
+            distributed.barrier("fork checked")  # nobody copies while another process still reads the parent
+            if writer:
+                copy_fork_history(parent, fork_step, run_dir)
+    prepare_run_dir(run_dir, cfg, corpus, extra_meta, write=writer)
+    distributed.barrier("run directory ready")
     num_steps = corpus_steps(corpus, tcfg)
     ckpt_steps = set(checkpoint_steps(num_steps, tcfg))
 
@@ -363,37 +382,40 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
     tx = make_optimizer(tcfg, num_steps)
     graphdef, state = nnx.split(model)
     opt_state = tx.init(state)
+    # Placed on the mesh before a restore, so orbax restores each process's part of every array in place.
+    state, opt_state = shard_state(state, mesh), shard_state(opt_state, mesh)
+    nnx.update(model, state)
     mngr = checkpoint_manager(run_dir)
     start = 0
     if mngr.latest_step() is not None:
         opt_state, start = restore_checkpoint(mngr, mngr.latest_step(), model, opt_state)
         graphdef, state = nnx.split(model)
-    # Lines logged after the restored step (or by an attempt that died before its first checkpoint) are replayed.
-    _truncate_jsonl(run_dir / "metrics.jsonl", start)
-    _truncate_jsonl(run_dir / "sample_ids.jsonl", start)
-    state = shard_state(state, mesh)
-    opt_state = shard_state(opt_state, mesh)
+    if writer:  # lines logged after the restored step (or by an attempt that died before a checkpoint) are replayed
+        _truncate_jsonl(run_dir / "metrics.jsonl", start)
+        _truncate_jsonl(run_dir / "sample_ids.jsonl", start)
     step_fn = make_train_step(graphdef, tx, cfg.model, mesh)
     sched = lr_schedule(tcfg, num_steps)
 
     tb = None
-    if tcfg.tensorboard:
+    if tcfg.tensorboard and writer:
         from tensorboardX import SummaryWriter
 
         tb = SummaryWriter(str(run_dir / "tb"), purge_step=start + 1 if start else None)
     bar = None
-    if progress:
+    if progress and writer:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
-    metrics_f = open(run_dir / "metrics.jsonl", "a")
-    ids_f = open(run_dir / "sample_ids.jsonl", "a") if log_sample_ids else None
+    metrics_f = open(run_dir / "metrics.jsonl" if writer else os.devnull, "a")
+    ids_f = open(run_dir / "sample_ids.jsonl" if writer else os.devnull, "a") if log_sample_ids else None
     t_last, tok_since = time.perf_counter(), 0
+    step = start
     try:
         for step in range(start + 1, num_steps + 1):
             batch = corpus.batch(step - 1)
             state, opt_state, m = step_fn(state, opt_state, shard_batch(batch["tokens"], mesh),
                                           shard_batch(batch["mask"], mesh))
+            m = distributed.host_local(m)
             tok_since += int(batch["mask"].sum())
             loss = float(m["loss"])  # one sync per step: a NaN is caught at the step that made it
             if not math.isfinite(loss):
@@ -419,12 +441,17 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
                 bar.update(1)
             if step in ckpt_steps:
                 nnx.update(model, state)
-                record, ev = evaluate(model, corpus, tcfg.eval_batch_size)
+                # Evaluation reads this process's copy of the weights (the global arrays themselves when alone);
+                # its rows are spread over every process and gathered (moegrok.probe).
+                local = model if distributed.process_count() == 1 else nnx.merge(
+                    graphdef, distributed.host_local(state))
+                record, ev = evaluate(local, corpus, tcfg.eval_batch_size)
                 if ids_f is not None:
                     ids_f.flush()
                     os.fsync(ids_f.fileno())
-                ev["param_norms"] = param_norms(get_params(model))
-                rundir.write_record(run_dir, step, record, ev)
+                ev["param_norms"] = param_norms(get_params(local))
+                if writer:
+                    rundir.write_record(run_dir, step, record, ev)
                 # The live monitor: the same registry `moegrok indicators` evaluates afterwards. Logged before the
                 # checkpoint, so a resume from it never lacks the row (rows after a resumed step are dropped).
                 t_ind = time.perf_counter()
@@ -449,6 +476,10 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
                 t_last, tok_since = time.perf_counter(), 0  # evaluation time is not training throughput
             if on_step is not None:
                 on_step(step)
+    except Exception as e:
+        if isinstance(e, MoegrokError) or not distributed.peer_failure(e):
+            raise
+        raise distributed.lost(e, f"at step {step}", mngr.latest_step()) from None
     finally:
         metrics_f.close()
         if ids_f is not None:
@@ -458,6 +489,8 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
         if tb is not None:
             tb.close()
         mngr.close()
-    rundir.write_meta(run_dir, finished=True)
+    if writer:
+        rundir.write_meta(run_dir, finished=True)
+    distributed.barrier("finished")
     return run_dir
 
