@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "moegrok.theory.cli",
     "moegrok.study",
     "moegrok.olmoe_pipeline",
+    "moegrok.plan",
 ]
 
 

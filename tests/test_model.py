@@ -17,7 +17,7 @@ from moegrok.errors import MoegrokError
 from moegrok.model.config import MoeConfig
 from moegrok.model.grouped import COUNTING_SORT_UP_TO, expert_ranks, experts_tiled, tile_rows
 from moegrok.model.model import MoeLM, get_params, lm_loss, set_params, token_nll
-from moegrok.model.moe import (EXPERT_IMPLS, experts_blocked, experts_dense, experts_ragged, experts_ragged_dot,
+from moegrok.model.moe import (EXPERT_IMPLS, tokamax_available, experts_blocked, experts_dense, experts_ragged, experts_ragged_dot,
                                route)
 
 torch = pytest.importorskip("torch")
@@ -242,6 +242,8 @@ def moe_fn(impl, bias, k, norm):
 
 OTHER_IMPLS = {"ragged": experts_ragged, "ragged_dot": experts_ragged_dot, "blocked": experts_blocked,
                "ragged_unrolled": EXPERT_IMPLS["ragged_unrolled"]}
+if tokamax_available():  # the `gpu` extra; on CPU tokamax falls back to its XLA implementation
+    OTHER_IMPLS["tokamax"] = EXPERT_IMPLS["tokamax"]
 
 
 @pytest.mark.parametrize("impl", list(OTHER_IMPLS.values()), ids=list(OTHER_IMPLS))
@@ -275,6 +277,37 @@ def test_unrolled_tiles_are_unrolled_forward_and_backward():
     jaxpr = str(jax.make_jaxpr(jax.grad(lambda *a: jnp.sum(f(*a)), argnums=(1, 2)))(x, gu, dn, r))
     T = -(-64 * 2 // tile_rows(64 * 2, gu.shape[0], unrolled=True)) + gu.shape[0]
     assert jaxpr.count(f"unroll={T}") == 2  # the forward and the backward tile loops
+
+
+def _loss_and_grads(cfg, seed=0):
+    model = MoeLM(cfg, seed=seed)
+    ids, mask = batch(3)
+    ids, mask = jnp.asarray(ids % cfg.vocab_size), jnp.asarray(mask)
+    graphdef, state = nnx.split(model)
+
+    def loss(state):
+        o = nnx.merge(graphdef, state)(ids, mask)
+        return lm_loss(o.logits, ids, mask) + 0.01 * o.aux_loss + 0.001 * o.z_loss, o.logits
+
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(state)
+
+
+@pytest.mark.parametrize("variant", [{"attention_impl": "xla"}, {"remat": True},
+                                     {"attention_impl": "xla", "num_key_value_heads": 1, "remat": True}])
+def test_fused_attention_and_remat_equal_the_plain_model(variant):
+    """`jax.nn.dot_product_attention` (causal, padding from the mask; grouped-query heads) and per-layer
+    rematerialisation give the einsum model's loss, logits and gradients in float32."""
+    base = dict(vocab_size=50, hidden_size=24, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                num_experts=6, num_experts_per_tok=2, eos_token_id=None, initializer_range=0.2)
+    base.update({k: v for k, v in variant.items() if k == "num_key_value_heads"})
+    (l0, lg0), g0 = _loss_and_grads(MoeConfig(**base, attention_impl="einsum"))
+    (l1, lg1), g1 = _loss_and_grads(MoeConfig(**{**base, **variant}))
+    _, mask = batch(3)
+    assert abs(float(l0) - float(l1)) <= 1e-5
+    assert np.abs(np.asarray(lg0)[mask] - np.asarray(lg1)[mask]).max() <= 1e-5
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5
+    assert float(jnp.abs(jax.tree.leaves(g1)[0]).max()) > 0  # gradients flow
 
 
 def test_model_dense_and_ragged_agree_with_gradients():

@@ -321,7 +321,7 @@ def _build_params(cfg: MoeConfig, fused: frozenset[int], read: _Reader, np_dtype
     return params
 
 
-def load_olmoe(path: str | os.PathLike, dtype: str | None = None, moe_impl: str = "ragged", *,
+def load_olmoe(path: str | os.PathLike, dtype: str | None = None, moe_impl: str = "auto", *,
                progress: bool = False):
     """Load a Hugging Face OLMoE checkpoint directory into a `MoeLM`.
 

@@ -6,7 +6,8 @@ from typing import Any, Mapping
 
 from moegrok.errors import MoegrokError
 
-MOE_IMPLS = ("dense", "ragged", "blocked")
+MOE_IMPLS = ("auto", "dense", "ragged", "ragged_dot", "blocked", "tokamax")
+ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn")
 DTYPES = ("float32", "bfloat16")
 POSITION_EMBEDDINGS = ("rope", "learned")
 
@@ -45,8 +46,15 @@ class MoeConfig:
     # counterpart and refuses conversion): GPT-2-style learned absolute positions instead of RoPE, and no QK-norm.
     position_embedding: str = "rope"  # "rope" | "learned" (a [max_position_embeddings, hidden] table added to x)
     qk_norm: bool = True
-    moe_impl: str = "ragged"  # "dense" (all experts: the reference), "ragged" (sort + lax.ragged_dot) or
-    # "blocked" (sort + per-expert padded blocks + batched GEMM); all dropless and equal to each other
+    # Expert path (moegrok/model/moe.py): "auto" picks by platform; "dense" (every expert: the reference),
+    # "ragged", "ragged_dot", "blocked", "tokamax" — all dropless and equal to each other.
+    moe_impl: str = "auto"
+    # Attention (moegrok/model/layers.py): "auto" = cuDNN's fused kernel on NVIDIA GPUs in bfloat16, else "einsum";
+    # "xla" = jax.nn.dot_product_attention's XLA path. All equal in float32.
+    attention_impl: str = "auto"
+    # Recompute each decoder layer's activations in the backward pass instead of storing them (less memory for
+    # deep many-expert models, ~1/3 more compute).
+    remat: bool = False
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -84,6 +92,10 @@ class MoeConfig:
                                        f"{self.num_experts_per_tok}")
         if self.moe_impl not in MOE_IMPLS:
             bad("moe_impl", f"must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            bad("attention_impl", f"must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        if not isinstance(self.remat, bool):
+            bad("remat", f"must be true or false, got {self.remat!r}")
         for f in ("dtype", "param_dtype"):
             if getattr(self, f) not in DTYPES:
                 bad(f, f"must be one of {DTYPES}, got {getattr(self, f)!r}")

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from moegrok.model import platform as _platform
 from moegrok.model.config import MoeConfig
 
 
@@ -52,6 +53,15 @@ def apply_rope(x_BxTxNxH: jax.Array, cos_BxTxH: jax.Array, sin_BxTxH: jax.Array)
     return x_BxTxNxH * cos_BxTxH[:, :, None, :] + rotated * sin_BxTxH[:, :, None, :]
 
 
+def attention_impl_for(impl: str, platform: str | None = None, dtype: str = "float32") -> str:
+    """The attention path config value `impl` runs: ``auto`` = cuDNN's fused kernel on NVIDIA GPUs in bfloat16
+    (it has no float32 kernel), else the einsum path (on CPU `dot_product_attention` measured slower)."""
+    if impl != "auto":
+        return impl
+    platform = platform or _platform.current()
+    return "cudnn" if platform == "cuda" and dtype == "bfloat16" else "einsum"
+
+
 class Attention(nnx.Module):
     """Causal multi-head attention; RMSNorm over the whole q and k projections (all heads) before the head split
     (unless `qk_norm` is off), then RoPE (unless the model uses learned positions)."""
@@ -69,6 +79,7 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(nkv * hd, cfg.rms_norm_eps, pd) if cfg.qk_norm else None
         self.nq, self.nkv, self.hd = nq, nkv, hd
         self.clip_qkv = cfg.clip_qkv
+        self.impl, self.dtype_name = cfg.attention_impl, cfg.dtype
 
     def __call__(self, x_BxTxD, cos, sin, mask_BxT) -> jax.Array:
         dt = x_BxTxD.dtype
@@ -87,6 +98,10 @@ class Attention(nnx.Module):
         if cos is not None:  # None: positions come from a learned table added to the input instead
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = v.reshape(B, T, nkv, hd)
+        impl = attention_impl_for(self.impl, None, self.dtype_name)
+        if impl != "einsum":
+            out = fused_attention(q, k, v, mask_BxT, impl).reshape(B * T, nq * hd)
+            return (out @ self.wo[...].astype(dt)).reshape(B, T, D)
         if nq != nkv:  # grouped-query attention: each kv head serves nq / nkv query heads (HF's repeat_kv)
             k, v = (jnp.repeat(a, nq // nkv, axis=2) for a in (k, v))
         # 4-D [B, heads, T, S] layout: the 5-D grouped einsum made XLA:CPU add layout copies in the backward pass.
@@ -98,3 +113,18 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum("bhts,bshd->bthd", probs, v).reshape(B * T, nq * hd)
         return (out @ self.wo[...].astype(dt)).reshape(B, T, D)
+
+
+def fused_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxT, impl: str):
+    """`jax.nn.dot_product_attention`, causal. ``cudnn`` takes padding as per-row key lengths (rows must be right
+    padded, as every moegrok batch is); ``xla`` takes the key mask itself, so any padding works."""
+    hd = q_BxTxNxH.shape[-1]
+    if mask_BxT is None:
+        return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, scale=hd ** -0.5, is_causal=True,
+                                            implementation=impl)
+    if impl == "cudnn":
+        lengths = jnp.sum(mask_BxT, axis=1).astype(jnp.int32)
+        return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, scale=hd ** -0.5, is_causal=True,
+                                            key_value_seq_lengths=lengths, implementation="cudnn")
+    return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, scale=hd ** -0.5, is_causal=True,
+                                        mask=mask_BxT[:, None, None, :], implementation=impl)

@@ -77,7 +77,10 @@ class MoeLM(nnx.Module):
             mask_BxT = mask_BxT.astype(bool)
         router_logits = []
         for layer in self.layers:
-            x, rl = layer(x, cos, sin, mask_BxT, moe_impl)
+            if cfg.remat:  # store only the layer's input; recompute its activations in the backward pass
+                x, rl = nnx.remat(lambda lyr, x, m: lyr(x, cos, sin, m, moe_impl))(layer, x, mask_BxT)
+            else:
+                x, rl = layer(x, cos, sin, mask_BxT, moe_impl)
             router_logits.append(rl)
         x = self.norm(x)
         head = self.embed[...].T if self.lm_head is None else self.lm_head[...]

@@ -1,6 +1,12 @@
-"""The MoE feed-forward: fp32 softmax router over all experts, top-k, SwiGLU experts (dense or ragged), and the
-auxiliary losses. The dense path computes every expert for every token and is the reference the ragged (dropless
-sort + `lax.ragged_dot`) path is tested against, in outputs and gradients."""
+"""The MoE feed-forward: fp32 softmax router over all experts, top-k, SwiGLU experts, and the auxiliary losses.
+
+Expert paths, all dropless and equal in outputs and gradients to the dense reference (`tests/test_model.py`):
+``dense`` (every expert on every token), ``ragged`` (CPU: the tiled grouped matmul of `grouped.py`; elsewhere
+`lax.ragged_dot`), ``ragged_dot`` (`lax.ragged_dot` everywhere), ``blocked`` (per-expert padded blocks + batched GEMM),
+``tokamax`` (`tokamax.ragged_dot`: Pallas Mosaic-GPU kernels on Hopper, Triton elsewhere; the `gpu` extra) and
+``auto`` (the default), which picks by platform: the tiled path on CPU, tokamax (else blocked) on NVIDIA GPUs — XLA
+rewrites `lax.ragged_dot` there into a dense dot over a masked, group-broadcast input, E x the useful FLOPs —, and
+`lax.ragged_dot` on TPU, where it is a native grouped matmul."""
 from __future__ import annotations
 
 import functools
@@ -10,6 +16,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moegrok.model.config import MoeConfig
+from moegrok.errors import MoegrokError
+from moegrok.model import platform as _platform
 from moegrok.model.grouped import expert_ranks, experts_tiled
 from moegrok.model.layers import dtype_of, normal_param
 
@@ -39,14 +47,16 @@ def experts_ragged(x_NxD, gate_up_ExDx2I, down_ExIxD, topw_Nxk, topi_Nxk, unroll
     """Dropless sorted experts. On CPU `lax.ragged_dot` lowers to a masked dense dot over all experts (slower than
     `experts_dense`), so there the tiled grouped SwiGLU of `grouped.py` runs instead (same result; `unroll`: unroll
     its short tile loops, see there)."""
-    if jax.default_backend() == "cpu":
+    if _platform.current() == "cpu":
         return experts_tiled(x_NxD, gate_up_ExDx2I, down_ExIxD, topw_Nxk, topi_Nxk, unroll=unroll)
     return experts_ragged_dot(x_NxD, gate_up_ExDx2I, down_ExIxD, topw_Nxk, topi_Nxk)
 
 
-def experts_ragged_dot(x_NxD, gate_up_ExDx2I, down_ExIxD, topw_Nxk, topi_Nxk):
+def experts_ragged_dot(x_NxD, gate_up_ExDx2I, down_ExIxD, topw_Nxk, topi_Nxk, ragged_dot=None):
     """Dropless: sort the N*k (token, expert) assignments by expert, two grouped matmuls, unsort by gathers
-    (gathers instead of a scatter-add keep this valid under sharding)."""
+    (gathers instead of a scatter-add keep this valid under sharding). `ragged_dot`: the grouped matmul
+    (default `lax.ragged_dot`; `tokamax.ragged_dot` has the same signature)."""
+    ragged_dot = ragged_dot or jax.lax.ragged_dot
     N, k = topi_Nxk.shape
     E = gate_up_ExDx2I.shape[0]
     flat_e = topi_Nxk.reshape(-1)
@@ -54,9 +64,9 @@ def experts_ragged_dot(x_NxD, gate_up_ExDx2I, down_ExIxD, topw_Nxk, topi_Nxk):
     inverse = jnp.argsort(order)
     group_sizes = jnp.bincount(flat_e, length=E).astype(jnp.int32)
     xs_Mxd = x_NxD[order // k]
-    gu = jax.lax.ragged_dot(xs_Mxd, gate_up_ExDx2I, group_sizes)
+    gu = ragged_dot(xs_Mxd, gate_up_ExDx2I, group_sizes)
     gate, up = jnp.split(gu, 2, axis=-1)
-    ys_MxD = jax.lax.ragged_dot(jax.nn.silu(gate) * up, down_ExIxD, group_sizes)
+    ys_MxD = ragged_dot(jax.nn.silu(gate) * up, down_ExIxD, group_sizes)
     y_NxkxD = ys_MxD[inverse].reshape(N, k, -1)
     return jnp.einsum("nk,nkd->nd", topw_Nxk.astype(y_NxkxD.dtype), y_NxkxD)
 
@@ -85,14 +95,44 @@ def experts_blocked(x_NxD, gate_up_ExDx2I, down_ExIxD, topw_Nxk, topi_Nxk, block
     return jnp.einsum("nk,nkd->nd", topw_Nxk.astype(y_NxkxD.dtype), y_NxkxD)
 
 
+def tokamax_available() -> bool:
+    try:
+        import tokamax  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def experts_tokamax(x_NxD, gate_up_ExDx2I, down_ExIxD, topw_Nxk, topi_Nxk):
+    try:
+        import tokamax
+    except ImportError:
+        raise MoegrokError("model config: moe_impl 'tokamax' needs the tokamax package: "
+                           "pip install 'moegrok[gpu]' (or moe_impl: auto / blocked)") from None
+    return experts_ragged_dot(x_NxD, gate_up_ExDx2I, down_ExIxD, topw_Nxk, topi_Nxk, ragged_dot=tokamax.ragged_dot)
+
+
 EXPERT_IMPLS = {"dense": experts_dense, "ragged": experts_ragged, "blocked": experts_blocked,
+                "ragged_dot": experts_ragged_dot, "tokamax": experts_tokamax,
                 # Not a config value: what the data-parallel CPU paths (train step, probe) run for "ragged".
                 "ragged_unrolled": functools.partial(experts_ragged, unroll=True)}
 
 
+def expert_impl_for(impl: str, platform: str | None = None) -> str:
+    """The expert path config value `impl` runs on `platform` (default: the one being traced for)."""
+    if impl != "auto":
+        return impl
+    platform = platform or _platform.current()
+    if platform == "cpu":
+        return "ragged"
+    if platform == "tpu":
+        return "ragged_dot"
+    return "tokamax" if platform == "cuda" and tokamax_available() else "blocked"
+
+
 def data_parallel_impl(impl: str) -> str | None:
     """The expert implementation to trace inside a per-device (shard_map) program for config value `impl`."""
-    return "ragged_unrolled" if impl == "ragged" else None
+    return "ragged_unrolled" if expert_impl_for(impl) == "ragged" and _platform.current() == "cpu" else None
 
 
 class MoeBlock(nnx.Module):
@@ -112,10 +152,12 @@ class MoeBlock(nnx.Module):
         B, T, D = x_BxTxD.shape
         dt = x_BxTxD.dtype
         x_NxD = x_BxTxD.reshape(B * T, D)
-        # Router logits in fp32 whatever the activation dtype: routing statistics are the point of this project.
-        logits_NxE = jnp.dot(x_NxD, self.router[...].astype(dt), preferred_element_type=jnp.float32)
+        # Router logits in fp32 at full precision whatever the activation dtype (GPUs default to TF32 for fp32
+        # matmuls, which can flip top-k choices against Hugging Face): routing statistics are the point here.
+        logits_NxE = jnp.dot(x_NxD, self.router[...].astype(dt), preferred_element_type=jnp.float32,
+                             precision=jax.lax.Precision.HIGHEST)
         _, topw, topi = route(logits_NxE, self.k, self.norm_topk_prob)
-        fn = EXPERT_IMPLS[impl or self.impl]
+        fn = EXPERT_IMPLS[expert_impl_for(impl or self.impl)]
         y = fn(x_NxD, self.gate_up[...].astype(dt), self.down[...].astype(dt), topw.astype(dt), topi)
         return y.reshape(B, T, D), logits_NxE.reshape(B, T, -1)
 
