@@ -103,3 +103,33 @@ def test_complexity_mirrors_consistency(runs):
                     assert float(c[k]["pearson_p"]) == pytest.approx(float(s[k]["pearson_p"]), rel=1e-4, abs=1e-9)
                     checked += 1
     assert checked > 0
+
+
+def test_a_metric_added_through_the_registry_reaches_every_table(tmp_path, monkeypatch):
+    """One `register_metric` call: the toy's value is in metrics.csv (checked against NumPy on the probe record),
+    its correlation in correlations.csv, and its row in the multi-run table."""
+    from moegrok import RunDir
+    from moegrok.analysis import run_metrics
+
+    monkeypatch.setattr(run_metrics, "METRICS", list(run_metrics.METRICS))  # the registry, restored afterwards
+    run_metrics.register_metric("toy max route prob", "toy_max_prob",
+                                lambda ctx: float(ctx.probe.route_probs[ctx.idx].max()), direction=+1)
+    run = make_run(tmp_path / "toy", SynthSpec(seed=3, domains=("math", "knowledge", "math_twin")))
+    assert main(["analyze", str(run), "--embedding", "tfidf", "--no-progress", "--no-figures"]) == 0
+    rows = _csv(run / "analysis" / "metrics.csv")
+    rd = RunDir(run)
+    checked = 0
+    for r in rows:
+        if r["group"] == "domain":  # every probe sample of the domain: checkable by hand
+            probe = rd.probe(int(r["step"]))
+            rows_d = [i for i, d in enumerate(probe.domains) if d == r["domain"]]
+            assert float(r["toy_max_prob"]) == pytest.approx(float(probe.route_probs[rows_d].max()), abs=1e-6)
+            checked += 1
+    assert checked == 3 * len(rd.steps)
+    assert any(r["group"] == "memorized" and r["toy_max_prob"][:1].isdigit() for r in rows)
+    corr = [c for c in _csv(run / "analysis" / "correlations.csv") if c["metric"] == "toy max route prob"]
+    assert corr and any(c["pearson_r"] not in ("", "n/a") for c in corr)
+    text = markdown({"t": [load_analysis(run)]}, ["math", "knowledge"], [])
+    assert "| math | toy max route prob |" in text
+    with pytest.raises(Exception, match="already registered"):
+        run_metrics.register_metric("toy max route prob", "other", lambda ctx: 0.0)

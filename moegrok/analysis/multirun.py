@@ -17,11 +17,20 @@ import numpy as np
 
 from moegrok.errors import MoegrokError
 
-METRICS = ("pathway distance (text)", "pathway distance (expert)", "pathway distance (token)", "consistency S",
-           "raw consistency R", "training loss (memorized)", "training loss (domain)", "validation loss")
 KINDS = (("raw", "raw"), ("diff", "first differences"), ("partial", "partial on step"))
-EXPECTED_SIGN = {"pathway distance (text)": -1, "pathway distance (expert)": -1, "pathway distance (token)": -1,
-                 "consistency S": +1}
+
+
+def study_metrics() -> list[str]:
+    """The multi-run table's metrics: the analysis registry's entries marked ``study`` (run_metrics.METRICS)."""
+    from moegrok.analysis.run_metrics import METRICS
+
+    return [m.name for m in METRICS if m.study]
+
+
+def expected_sign() -> dict[str, int]:
+    from moegrok.analysis.run_metrics import METRICS
+
+    return {m.name: m.direction for m in METRICS if m.study and m.direction}
 TARGET_R = 0.8  # the paper's |r| the project is after (issue #6): distance <= -0.8, consistency >= +0.8, p < 0.05
 
 
@@ -75,7 +84,7 @@ def correlation_summary(runs: Mapping[str, Sequence[dict]], domains: Sequence[st
     out = []
     for label, group in runs.items():
         for d in domains:
-            for m in METRICS:
+            for m in study_metrics():
                 for kind, _ in KINDS:
                     rows = [next((c for c in r["corr"] if (c["domain"], c["window"], c["metric"], c["kind"])
                                   == (d, window, m, kind)), None) for r in group]
@@ -160,7 +169,7 @@ def markdown(runs: Mapping[str, Sequence[dict]], domains: Sequence[str], control
         for d in domains:
             if d in control_domains:
                 continue
-            for m in METRICS:
+            for m in study_metrics():
                 cells = {c["kind"]: c for c in corr if (c["config"], c["domain"], c["metric"]) == (label, d, m)}
                 raw = cells.get("raw")
                 if raw is None or not raw["seeds"]:

@@ -21,6 +21,7 @@ from moegrok.rundir import method_link
 from moegrok.tables import write_csv
 from moegrok.analysis.figures import write_figures
 from moegrok.analysis.run_metrics import (METRICS, NAN, PATHWAY_FIELDS, Analysis, AnalysisConfig, RunData, cell_text,
+                                          computed_metrics,
                                           compute_analysis, in_run_controls)
 
 
@@ -40,6 +41,11 @@ def analyze(run_dir: str | os.PathLike, cfg: AnalysisConfig = AnalysisConfig(),
 
 METRIC_FIELDS = ("step", "checkpoint", "domain", "group", "n_samples", "loss_mean", "S_mean", "S_n_na", "C_mean",
                  "R_mean") + PATHWAY_FIELDS + ("note",)
+
+
+def metric_fields() -> tuple[str, ...]:
+    """metrics.csv's columns: the built-in ones, then every registered metric's own (run_metrics.register_metric)."""
+    return METRIC_FIELDS[:-1] + tuple(m.column for m in computed_metrics()) + METRIC_FIELDS[-1:]
 
 
 def _step_of(data: RunData, idx: int) -> str:
@@ -73,7 +79,7 @@ def summary_dict(a: Analysis) -> dict:
 def write_outputs(a: Analysis, out: Path, control_dir=None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     d = a.data
-    write_csv(out / "metrics.csv", a.rows, METRIC_FIELDS)
+    write_csv(out / "metrics.csv", a.rows, metric_fields())
     write_csv(out / "layerwise.csv", a.layer_rows, ("step", "checkpoint", "domain", "group", "layer", "distance",
                                                     "kept", "top1_weight", "entropy"))
     samples = [{"sample_id": int(d.sample_ids[i]), "domain": dr.domain, "t_star_step": _step_of(d, int(t)),
@@ -113,7 +119,7 @@ TABLES = (("all", "raw", "all checkpoints"), ("rise", "raw", "from the start of 
 
 def correlation_markdown(a: Analysis, control_dir=None) -> str:
     method = corr_mod.CORRECTION_NAMES[a.config.correction]
-    order = [m for m, _, _ in METRICS]
+    order = [m.name for m in METRICS]
     parts = [f"Correlation of each per-checkpoint metric with the domain's test accuracy. r = Pearson, ρ = Spearman, "
              f"p two-sided, 'adj' = {method}-adjusted within each table (Pearson and Spearman separately), n = "
              "checkpoints used. Metrics are over the samples memorized before the last checkpoint unless named "

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -360,12 +360,19 @@ VALUE_FIELDS = ("loss_mean", "S_mean", "C_mean", "R_mean") + PATHWAY_FIELDS
 
 
 def _group_row(c: int, step: int, key: Group, idx: np.ndarray, other: np.ndarray | None, data: RunData,
-               cons, cons_reason: str | None, pw_values: Mapping[str, Any] | None) -> dict:
+               cons, cons_reason: str | None, pw_values: Mapping[str, Any] | None, probe=None) -> dict:
     d, g = key
     row: dict[str, Any] = {"step": step, "checkpoint": c, "domain": d, "group": g, "n_samples": int(idx.size)}
+    extra = computed_metrics()
     if idx.size == 0:
         why = "n/a: no sample memorized before the last checkpoint"
-        return row | {f: why for f in VALUE_FIELDS} | {"note": why}
+        return row | {f: why for f in VALUE_FIELDS + tuple(m.column for m in extra)} | {"note": why}
+    for m in extra:
+        if other is not None:
+            row[m.column] = "n/a: cross-domain rows hold pathway distances only"
+        else:
+            v = m.compute(GroupContext(data, c, step, d, g, idx, probe if probe is not None else data.run.probe(step)))
+            row[m.column] = v if isinstance(v, str) else float(v)
     notes = []
     if other is not None:
         notes.append(f"pairs between this domain's {idx.size} memorized samples and the {other.size} of the "
@@ -401,10 +408,10 @@ def checkpoint_metrics(data: RunData, doms: Sequence[DomainResult], cfg: Analysi
     cross = {k: v for k, v in groups.items() if v[1] is not None}
     rows, layer_rows = [], []
     for c, step in enumerate(tqdm(data.steps, desc="pathway metrics", disable=not cfg.progress)):
-        values, layer = (_pathway_metrics(data.run.probe(step), pw_groups, cross, cfg) if (pw_groups or cross)
-                         else ({}, {}))
+        probe = data.run.probe(step)
+        values, layer = (_pathway_metrics(probe, pw_groups, cross, cfg) if (pw_groups or cross) else ({}, {}))
         for key, (idx, other) in groups.items():
-            rows.append(_group_row(c, step, key, idx, other, data, cons, cons_reason, values.get(key)))
+            rows.append(_group_row(c, step, key, idx, other, data, cons, cons_reason, values.get(key), probe))
             layer_rows += [{"step": step, "checkpoint": c, "domain": key[0], "group": key[1], "layer": l, **v}
                            for l, v in enumerate(layer.get(key, []))]
     return rows, layer_rows, cons
@@ -413,20 +420,68 @@ def checkpoint_metrics(data: RunData, doms: Sequence[DomainResult], cfg: Analysi
 # ----------------------------------------------------------------------------------------------------------------
 # 5. Series and correlations
 
-METRICS = (  # (name in tables, group, column) - the display order of Table 1
-    ("pathway distance (text)", "memorized", "path_text"),
-    ("pathway distance (text, normalised)", "memorized", "path_text_norm"),
-    ("pathway distance (expert)", "memorized", "path_expert"),
-    ("pathway distance (token)", "memorized", "path_token"),
-    ("pathway distance (token position)", "memorized", "path_position"),  # only with --token-position
-    ("consistency S", "memorized", "S_mean"),
-    ("complexity C", "memorized", "C_mean"),
-    ("raw consistency R", "memorized", "R_mean"),
-    ("training loss (memorized)", "memorized", "loss_mean"),
-    ("training loss (domain)", "domain", "loss_mean"),
-    ("training loss MA3 (memorized)", "memorized", "loss_ma3"),
-    ("validation loss", None, "val_loss"),
-)
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    """One per-checkpoint metric of `moegrok analyze`: declared once here, it becomes a column of metrics.csv (when
+    it has its own column), a series correlated with test accuracy (correlations.csv, the report's tables and
+    figures), and, with ``study=True``, a row of the multi-run study's table (`moegrok.analysis.multirun`).
+
+    name: label in tables. group: the metrics.csv row group its series is read from ("memorized", "domain"), None for
+    a per-domain series (validation loss). column: the metrics.csv column. direction: the expected sign of its
+    correlation with test accuracy (METHOD §5; 0 = none expected). compute: for a metric added by a user,
+    ``compute(GroupContext) -> float | "n/a: reason"`` evaluated for every (checkpoint, group) row; None for the
+    built-in ones, which `checkpoint_metrics` computes together."""
+
+    name: str
+    group: str | None
+    column: str
+    direction: int = 0
+    study: bool = False
+    compute: Callable[["GroupContext"], Any] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupContext:
+    """What a registered metric's `compute` gets: the checkpoint's probe record, the group's probe rows, the run."""
+
+    data: "RunData"
+    checkpoint: int
+    step: int
+    domain: str
+    group: str
+    idx: np.ndarray
+    probe: Any
+
+
+METRICS: list[Metric] = [  # the display order of Table 1
+    Metric("pathway distance (text)", "memorized", "path_text", -1, study=True),
+    Metric("pathway distance (text, normalised)", "memorized", "path_text_norm", -1),
+    Metric("pathway distance (expert)", "memorized", "path_expert", -1, study=True),
+    Metric("pathway distance (token)", "memorized", "path_token", -1, study=True),
+    Metric("pathway distance (token position)", "memorized", "path_position", -1),  # only with --token-position
+    Metric("consistency S", "memorized", "S_mean", +1, study=True),
+    Metric("complexity C", "memorized", "C_mean", -1),
+    Metric("raw consistency R", "memorized", "R_mean", 0, study=True),
+    Metric("training loss (memorized)", "memorized", "loss_mean", 0, study=True),
+    Metric("training loss (domain)", "domain", "loss_mean", 0, study=True),
+    Metric("training loss MA3 (memorized)", "memorized", "loss_ma3"),
+    Metric("validation loss", None, "val_loss", 0, study=True),
+]
+
+
+def register_metric(name: str, column: str, compute: Callable[[GroupContext], Any], *, group: str = "memorized",
+                    direction: int = 0, study: bool = True) -> Metric:
+    """Add a per-checkpoint metric (README, "Extending"): one entry here, one function. Returns it."""
+    if any(m.name == name or m.column == column for m in METRICS):
+        raise MoegrokError(f"analysis metric {name!r} / column {column!r} is already registered")
+    m = Metric(name, group, column, direction, study, compute)
+    METRICS.append(m)
+    return m
+
+
+def computed_metrics() -> list[Metric]:
+    """Registered metrics with their own `compute` (columns of metrics.csv after the built-in ones)."""
+    return [m for m in METRICS if m.compute is not None]
 
 
 def cell_number(v) -> float:
@@ -445,13 +500,15 @@ def cell_text(v, spec: str = ".3g") -> str:
 
 
 def _metrics_for(cfg: AnalysisConfig) -> tuple:
-    return tuple(m for m in METRICS if cfg.token_position is not None or m[2] != "path_position")
+    return tuple((m.name, m.group, m.column) for m in METRICS
+                 if cfg.token_position is not None or m.column != "path_position")
 
 
-def domain_series(data: RunData, rows: Sequence[dict], metrics: Sequence[tuple] = METRICS):
+def domain_series(data: RunData, rows: Sequence[dict], metrics: Sequence[tuple] | None = None):
     """domain -> metric name -> [T] (NaN where n/a at that checkpoint; correlate() drops and counts those), and
     domain -> metric name -> the n/a reason when the metric has no value at any checkpoint."""
     T = len(data.steps)
+    metrics = metrics if metrics is not None else tuple((m.name, m.group, m.column) for m in METRICS)
     out, why = {}, {}
     for d in data.domains:
         by = {(r["group"], r["checkpoint"]): r for r in rows if r["domain"] == d}
