@@ -138,6 +138,8 @@ def record_for(model, seqs: list[list[int]], ids, domains, batch_size: int, pad_
     """The probe record over variable-length texts: batched by length, reassembled in input order."""
     from moegrok.probe import probe_record
 
+    # The record's schema says which fields are per sample ([N, ...]) and which per token ([N, T, ...]).
+    dims = {**rundir.PROBE_FIELDS, **rundir.OPTIONAL_PROBE_FIELDS}
     n, T_all = len(seqs), -(-max(map(len, seqs)) // BUCKET) * BUCKET
     parts: dict[str, Any] = {}
     for idx, T in _bucketed(seqs, batch_size):
@@ -145,14 +147,14 @@ def record_for(model, seqs: list[list[int]], ids, domains, batch_size: int, pad_
         rec = probe_record(model, tokens, mask, [ids[i] for i in idx], [domains[i] for i in idx],
                            batch_size=batch_size)
         for key, v in rec.items():
-            if key == "router_weights":
+            shape = dims[key][1]
+            if shape[0] != "N":  # per model (router weights)
                 parts[key] = v
                 continue
+            per_token = shape[:2] == ("N", "T")
             if key not in parts:
-                shape = (n, T_all) + v.shape[2:] if key in ("topk_ids", "topk_weights", "token_mask", "tokens") \
-                    else (n,) + v.shape[1:]
-                parts[key] = np.zeros(shape, v.dtype)
-            if v.ndim >= 2 and key in ("topk_ids", "topk_weights", "token_mask", "tokens"):
+                parts[key] = np.zeros((n, T_all) + v.shape[2:] if per_token else (n,) + v.shape[1:], v.dtype)
+            if per_token:
                 parts[key][idx, :T] = v
             else:
                 parts[key][idx] = v

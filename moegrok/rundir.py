@@ -5,8 +5,8 @@ tools) read them through :class:`RunDir` only. Layout::
 
     RUN_DIR/
       config.yaml              the resolved config the run was started with
-      meta.json                {"format": "moegrok-run/1", "producer", "num_layers", "num_experts", "top_k",
-                                "d_model", "domains", "finished": bool}
+      meta.json                RunMeta: {"format": "moegrok-run/1", "producer", "num_layers", "num_experts",
+                                "top_k", "d_model", "domains", "total_steps", "finished": bool, ...}
       probes.jsonl             one line per probe sample, in record row order: {"id", "domain", "text"}
       tests.jsonl              one line per test item: {"id", "domain", "prompt", "answer"}
       metrics.jsonl            training scalars, one JSON object per logged step (trainer only), and at each
@@ -38,6 +38,7 @@ from moegrok.errors import MoegrokError
 
 FORMAT = "moegrok-run/1"
 RECORDS = "records"
+CHECKPOINTS = "checkpoints"
 
 # name -> (dtype kind, shape in symbols). N probe samples, L MoE layers, E experts, d model width,
 # T token positions, k experts per token.
@@ -186,7 +187,34 @@ def write_record(run_dir: str | os.PathLike, step: int, probe: Mapping[str, Any]
     return final
 
 
+@dataclasses.dataclass
+class RunMeta:
+    """meta.json, the same fields for every producer (``train``, ``olmoe``). `write_meta` refuses any other field,
+    so producers cannot drift apart."""
+
+    producer: str | None = None
+    num_layers: int | None = None
+    num_experts: int | None = None
+    top_k: int | None = None
+    d_model: int | None = None
+    domains: list[str] = dataclasses.field(default_factory=list)
+    total_steps: int | None = None  # the last step the run will reach (trainer: the epoch; olmoe: the last checkpoint)
+    finished: bool = False
+    data_fingerprint: str | None = None  # train: the corpus, so a resume refuses changed data
+    corpus: dict | None = None  # train: the corpus summary (documents per domain, ...)
+    parent: dict | None = None  # a fork: {"run_dir", "step"}
+    checkpoints: list | None = None  # olmoe: [{"path", "step"}]
+    format: str = FORMAT
+
+
+META_FIELDS = tuple(f.name for f in dataclasses.fields(RunMeta))
+
+
 def write_meta(run_dir: str | os.PathLike, **fields: Any) -> None:
+    """Create or update meta.json (atomically) with fields of :class:`RunMeta`."""
+    unknown = sorted(set(fields) - set(META_FIELDS))
+    if unknown:
+        raise MoegrokError(f"meta.json: unknown field(s) {unknown}; RunMeta has {list(META_FIELDS)}")
     path = Path(run_dir) / "meta.json"
     meta = json.loads(path.read_text()) if path.exists() else {"format": FORMAT}
     meta.update(fields)
@@ -227,11 +255,40 @@ class RunDir:
             raise RunDirError(f"{meta_path}: field 'format' is {self.meta.get('format')!r}, expected {FORMAT!r}")
 
     @property
+    def run_meta(self) -> RunMeta:
+        """meta.json as a :class:`RunMeta` (fields a newer producer added are left out)."""
+        return RunMeta(**{k: v for k, v in self.meta.items() if k in META_FIELDS})
+
+    @property
     def config(self) -> dict:
+        """The resolved config the run started with ({} for producers without one, e.g. `moegrok olmoe`)."""
         import yaml
 
         p = self.path / "config.yaml"
-        return yaml.safe_load(p.read_text()) if p.exists() else {}
+        if not p.exists():
+            return {}
+        try:
+            raw = yaml.safe_load(p.read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise RunDirError(f"{p}: unreadable ({e})") from None
+        if not isinstance(raw, dict):
+            raise RunDirError(f"{p}: expected a mapping with sections model / data / train")
+        return raw
+
+    @property
+    def checkpoint_steps(self) -> list[int]:
+        """Steps with a complete orbax checkpoint (orbax's temporary directories are not integers: skipped)."""
+        d = self.path / CHECKPOINTS
+        if not d.is_dir():
+            return []
+        return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and (p / "params").is_dir())
+
+    def checkpoint_item(self, step: int, item: str = "params") -> Path:
+        """The directory of one item (``params``, ``opt_state``, ``data``) of the checkpoint at `step`."""
+        if step not in self.checkpoint_steps:
+            raise RunDirError(f"{self.path / CHECKPOINTS}: no complete checkpoint at step {step}; available steps: "
+                              f"{self.checkpoint_steps}")
+        return self.path / CHECKPOINTS / str(step) / item
 
     @property
     def finished(self) -> bool:

@@ -197,6 +197,9 @@ def test_load_model_from_run_directory(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text(yaml.safe_dump({"model": cfg.to_dict(), "train": {"seed": 0}}))
+    from moegrok.rundir import write_meta
+
+    write_meta(run, producer="train", num_layers=L, num_experts=E, top_k=2, d_model=D)
     models = {5: MoeLM(cfg, seed=5), 10: MoeLM(cfg, seed=10)}
     mngr = ocp.CheckpointManager((run / "checkpoints").absolute(),
                                  options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False))

@@ -148,3 +148,35 @@ def test_atomic_dir_leaves_the_old_directory_on_error(tmp_path):
     with atomic_dir(target) as tmp:
         (tmp / "b").write_text("3")
     assert os.listdir(target) == ["b"] and os.listdir(tmp_path) == ["model"]
+
+
+def test_meta_is_one_schema(tmp_path):
+    """meta.json holds RunMeta's fields only: an unknown field is refused, and what is written reads back."""
+    from moegrok.errors import MoegrokError
+    from moegrok.rundir import META_FIELDS, RunMeta, write_meta
+
+    write_meta(tmp_path, producer="train", num_layers=2, num_experts=4, top_k=1, d_model=8, domains=["a"],
+               total_steps=10)
+    with pytest.raises(MoegrokError, match=r"unknown field\(s\) \['num_layer'\]"):
+        write_meta(tmp_path, num_layer=3)
+    write_meta(tmp_path, finished=True)
+    m = RunDir(tmp_path).run_meta
+    assert m == RunMeta(producer="train", num_layers=2, num_experts=4, top_k=1, d_model=8, domains=["a"],
+                        total_steps=10, finished=True)
+    assert set(json.loads((tmp_path / "meta.json").read_text())) <= set(META_FIELDS)
+
+
+def test_every_producer_writes_the_shape_fields(tmp_path):
+    """The trainer and the OLMoE pipeline both fill the fields consumers rely on (total_steps included)."""
+    from pathlib import Path
+
+    from moegrok.training.config import load_config_file
+    from moegrok.training.train import RunConfig, train
+
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    cfg = RunConfig.from_dict(load_config_file(tiny, ["data.num_steps=4", "train.num_checkpoints=1"]))
+    train(cfg, tmp_path / "t", progress=False)
+    meta = RunDir(tmp_path / "t").run_meta
+    for f in ("producer", "num_layers", "num_experts", "top_k", "d_model", "total_steps"):
+        assert getattr(meta, f) is not None, f
+    assert meta.total_steps == 4 and meta.finished and meta.domains

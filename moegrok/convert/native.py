@@ -79,25 +79,11 @@ def _config_from(fields: dict, where: str) -> MoeConfig:
         raise MoegrokError(f"{where}: {e}") from None
 
 
-def checkpoint_steps(run_dir: str | os.PathLike) -> list[int]:
-    """Completed steps under RUN_DIR/checkpoints (orbax's temporary directories are not integers: skipped)."""
-    d = Path(run_dir) / "checkpoints"
-    if not d.is_dir():
-        return []
-    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and (p / PARAMS).is_dir())
-
-
-def _run_config(run_dir: Path) -> MoeConfig:
-    import yaml
-
-    cpath = run_dir / "config.yaml"
-    try:
-        raw = yaml.safe_load(cpath.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise MoegrokError(f"{cpath}: unreadable ({e})") from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
-        raise MoegrokError(f"{cpath}: needs a section 'model' with the MoeConfig fields")
-    return _config_from(raw["model"], f"{cpath}: section 'model'")
+def _run_config(rd) -> MoeConfig:
+    raw = rd.config
+    if not isinstance(raw.get("model"), dict):
+        raise MoegrokError(f"{rd.path / 'config.yaml'}: needs a section 'model' with the MoeConfig fields")
+    return _config_from(raw["model"], f"{rd.path / 'config.yaml'}: section 'model'")
 
 
 def _locate(path: Path, step: int | None) -> tuple[MoeConfig, Path]:
@@ -107,14 +93,17 @@ def _locate(path: Path, step: int | None) -> tuple[MoeConfig, Path]:
                                f"directories only")
         return _read_manifest(path), path / PARAMS
     if is_run_dir(path):
-        steps = checkpoint_steps(path)
+        from moegrok.rundir import RunDir
+
+        rd = RunDir(path)
+        steps = rd.checkpoint_steps
         if not steps:
             raise MoegrokError(f"{path / 'checkpoints'}: no completed checkpoint step with a '{PARAMS}' item")
         if step is None:
             step = steps[-1]
         elif step not in steps:
             raise MoegrokError(f"{path / 'checkpoints'}: no step {step}; available steps: {steps}")
-        return _run_config(path), path / "checkpoints" / str(step) / PARAMS
+        return _run_config(rd), rd.checkpoint_item(step, PARAMS)
     if not path.exists():
         raise MoegrokError(f"{path}: does not exist")
     raise MoegrokError(f"{path}: neither a moegrok model directory ({MANIFEST}) nor a run directory "

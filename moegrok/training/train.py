@@ -285,12 +285,9 @@ def check_fork(parent: Path, step: int, cfg: RunConfig) -> None:
     from moegrok.rundir import RunDir
 
     rd = RunDir(parent)
-    ckpt = parent / "checkpoints" / str(step)
-    if not ckpt.is_dir() or step not in rd.steps:
-        have = sorted(int(p.name) for p in (parent / "checkpoints").iterdir() if p.name.isdigit()) \
-            if (parent / "checkpoints").is_dir() else []
+    if step not in rd.checkpoint_steps or step not in rd.steps:
         raise MoegrokError(f"--fork {parent}@{step}: no complete checkpoint at step {step} in {parent} "
-                           f"(checkpoints: {have})")
+                           f"(checkpoints: {rd.checkpoint_steps})")
     old, new = rd.config, cfg.to_dict()
     diffs = [d for d in _dict_diff(old, new) if not any(d.startswith(f"train.{f}:") for f in FORKABLE)]
     if diffs:
