@@ -1,35 +1,59 @@
-"""Launch a sweep: seeds x knob values (+ forks), one `moegrok train` per run, resumable.
+"""Launch a sweep: seeds x configurations (named variants and/or knob values) + forks, one `moegrok train` per run,
+resumable; optionally `moegrok analyze` each finished run.
 
 Each run is `OUT/<name>`; a finished run (meta.json `finished: true`) is skipped, an unfinished one resumes from its
-last checkpoint, so re-running the same command after an interruption completes the sweep. Runs go one at a time,
-each on `--mesh-data` CPU devices (on a 2-core machine 2 is fastest).
+last checkpoint, and an analysed one (analysis/summary.json) is not analysed again, so re-running the same command
+after an interruption completes the sweep. Runs go one at a time, each on `--mesh-data` CPU devices (on a 2-core
+machine 2 is fastest).
 
-    python train/sweep.py configs/grok.yaml --out runs/grok_sweep --seeds 0 1 2 \\
+    # the indicator benchmark: seeds x weight decay + forks, then `python analysis/indicator_benchmark.py OUT`
+    python train/sweep.py configs/default.yaml --out runs/grok_sweep --seeds 0 1 2 \\
         --knob train.weight_decay=2.0,3.0 --fork "weight_decay3.0_s0@1800:train.weight_decay=6.0"
+    # the metrics study: named configurations x seeds, analysed, then `python analysis/metrics_study.py --sweep OUT`
+    python train/sweep.py configs/default.yaml --out runs/study --seeds 0 1 2 --analyze \\
+        --variant default: --variant e16:model.num_experts=16 --variant k4:model.num_experts_per_tok=4
 
-Run names: `<last part of the knob key><value>_s<seed>` (e.g. `weight_decay3.0_s1`); a fork is named after its
-parent, the step and its overrides (`weight_decay3.0_s0-f1800-weight_decay6.0`). Then benchmark them with
-`python analysis/indicator_benchmark.py OUT`.
+Run names: `<variant>[-<knob key's last part><value> ...]_s<seed>` (e.g. `e16_s1`, `weight_decay3.0_s1`); a fork is
+named after its parent, the step and its overrides (`weight_decay3.0_s0-f1800-weight_decay6.0`).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 
+def _configurations(args) -> list[tuple[str, list[str]]]:
+    """(name without seed, overrides): every variant x every combination of knob values."""
+    variants = []
+    for spec in args.variant:
+        name, sep, sets = spec.partition(":")
+        if not sep or not name:
+            sys.exit(f"--variant {spec!r}: expected NAME:key=value[,key=value] (NAME: for the config as it is)")
+        variants.append((name, [s for s in sets.split(",") if s]))
+    knobs = []
+    for spec in args.knob:
+        key, sep, values = spec.partition("=")
+        vals = [v for v in values.split(",") if v]
+        if not sep or not key or not vals:
+            sys.exit(f"--knob {spec!r}: expected KEY=V1,V2,...")
+        knobs.append([(f"{key.split('.')[-1]}{v}", f"{key}={v}") for v in vals])
+    out = []
+    for (vname, vsets), combo in itertools.product(variants or [("", [])], itertools.product(*knobs)):
+        name = "-".join([vname] * bool(vname) + [n for n, _ in combo])
+        out.append((name, vsets + [o for _, o in combo]))
+    return out
+
+
 def plan(args) -> list[tuple[str, list[str]]]:
     """(run name, `moegrok train` arguments after the config) for every run, parents before forks."""
-    key, values = (args.knob.split("=", 1) + [""])[:2] if args.knob else ("", "")
-    values = [v for v in values.split(",") if v] or [None]
     runs = []
-    for value in values:
+    for name, sets in _configurations(args):
         for seed in args.seeds:
-            name = f"{key.split('.')[-1]}{value}_s{seed}" if value is not None else f"s{seed}"
-            ov = [f"data.seed={seed}", f"train.seed={seed}"] + ([f"{key}={value}"] if value is not None else [])
-            runs.append((name, ov))
+            runs.append((f"{name}_s{seed}" if name else f"s{seed}", sets + [f"data.seed={seed}", f"train.seed={seed}"]))
     base = dict(runs)
     for spec in args.fork:
         try:
@@ -56,24 +80,37 @@ def main(argv=None) -> int:
     p.add_argument("config")
     p.add_argument("--out", required=True)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--knob", help="KEY=V1,V2,... (one run per value and seed)")
+    p.add_argument("--variant", action="append", default=[],
+                   help="NAME:key=value[,key=value] a named configuration (repeatable; 'NAME:' = the config as is)")
+    p.add_argument("--knob", action="append", default=[],
+                   help="KEY=V1,V2,... one run per value (repeatable: every combination)")
     p.add_argument("--fork", action="append", default=[], help="PARENT@STEP:key=value[,key=value] (repeatable)")
+    p.add_argument("--analyze", action="store_true", help="run `moegrok analyze` on each finished run")
     p.add_argument("--mesh-data", type=int, default=2)
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     p.add_argument("overrides", nargs="*", help="key=value overrides for every run")
-    args = p.parse_args(argv)
+    args, extra = p.parse_known_args(argv)
+    if any("=" not in e or e.startswith("-") for e in extra):
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides += extra  # key=value overrides may also come after the options
     out = Path(args.out)
     for name, ov in plan(args):
         run_dir = out / name
         if finished(run_dir):
             print(f"[skip] {name}: finished", flush=True)
-            continue
-        cmd = ["moegrok", "train", args.config, "--run-dir", str(run_dir), "--no-progress",
-               f"train.mesh_data={args.mesh_data}", *args.overrides, *ov]
-        print(f"[run] {name}: {' '.join(cmd)}", flush=True)
-        if not args.dry_run and subprocess.call(cmd) != 0:
-            print(f"[fail] {name}: moegrok train exited non-zero; re-run this command to resume", flush=True)
-            return 1
+        else:
+            cmd = ["moegrok", "train", args.config, "--run-dir", str(run_dir), "--no-progress",
+                   f"train.mesh_data={args.mesh_data}", *args.overrides, *ov]
+            print(f"[run] {name}: {' '.join(cmd)}", flush=True)
+            if not args.dry_run and subprocess.call(cmd) != 0:
+                print(f"[fail] {name}: moegrok train exited non-zero; re-run this command to resume", flush=True)
+                return 1
+        if args.analyze and not (run_dir / "analysis" / "summary.json").exists():
+            cmd = ["moegrok", "analyze", str(run_dir), "--no-progress"]
+            print(f"[analyze] {name}: {' '.join(cmd)}", flush=True)
+            if not args.dry_run and subprocess.call(cmd) != 0:
+                print(f"[fail] {name}: moegrok analyze exited non-zero", flush=True)
+                return 1
     return 0
 
 
