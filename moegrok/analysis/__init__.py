@@ -16,6 +16,7 @@ _EXPORTS = {
     "AnalysisConfig": "moegrok.analysis.run_metrics",
     "analyze": "moegrok.analysis.report",
     "compute_analysis": "moegrok.analysis.run_metrics",
+    "register_metric": "moegrok.analysis.run_metrics",
     "memorized_since": "moegrok.analysis.memorization",
     "select_epsilon": "moegrok.analysis.memorization",
     "generalized_since": "moegrok.analysis.generalization",
