@@ -169,3 +169,25 @@ def test_cli_default_out_dir(tmp_path, capsys):
     res = run_theory(run, tmp_path / "elsewhere", RunTheoryConfig(encoding="expert"))
     assert res["rows"] == 9 and (tmp_path / "elsewhere" / "theory.md").exists()
     assert "](fig_run_all.png)" in (tmp_path / "elsewhere" / "theory.md").read_text()
+
+
+@pytest.mark.parametrize("key, value", [("lam", "-1.0"), ("lam_rel", "-0.5"), ("tau", "1.5"), ("encoding", "dna")])
+def test_theory_and_run_refuse_the_same_values(tmp_path, capsys, key, value):
+    """The rule lives in RunTheoryConfig: `moegrok theory run --KEY` and `theory: {KEY: ...}` through `moegrok run`
+    give the same message, and the study stops before training anything."""
+    import json
+    from pathlib import Path
+
+    from moegrok.cli import main
+
+    run = tmp_path / "empty"
+    run.mkdir()
+    (run / "meta.json").write_text(json.dumps({"format": "moegrok-run/1", "finished": False}))
+    assert main(["theory", "run", str(run), f"--{key.replace('_', '-')}", value]) == 1
+    flag_err = capsys.readouterr().err
+    cfg = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    assert main(["run", str(cfg), "--run-dir", str(tmp_path / "study"), f"theory.{key}={value}"]) == 1
+    run_err = capsys.readouterr().err
+    assert f"theory.{key} (--{key.replace('_', '-')}) must" in flag_err
+    assert flag_err.split("error: ")[1] == run_err.split("error: ")[1]
+    assert not (tmp_path / "study").exists()

@@ -53,7 +53,7 @@ def register(subparsers) -> None:
     r.add_argument("--lam-rel", type=float, default=0.1, help="λ = LAM_REL·Tr(H)/n (default 0.1)")
     r.add_argument("--lam", type=float, default=None, help="absolute λ instead of --lam-rel")
     r.add_argument("--tau", type=float, default=0.7)
-    r.add_argument("--encoding", choices=("text", "expert"), default="text")
+    r.add_argument("--encoding", default="text", help="pathway encoding: text or expert (METHOD §4)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=_run)
 

@@ -45,15 +45,29 @@ class RunTheoryConfig:
     encoding: str = "text"
     per_domain: bool = True  # rows per domain besides "all"
 
-    def validate(self) -> "RunTheoryConfig":
+    def __post_init__(self):
+        # One place for the rules: `moegrok theory run` flags and a config's `theory:` section both land here, so
+        # both name the field the same way (flag in parentheses).
+        def bad(field, msg):
+            raise TheoryError(f"theory.{field} (--{field.replace('_', '-')}) {msg}")
+
+        for f in ("lam_rel", "tau") + (("lam",) if self.lam is not None else ()):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                bad(f, f"must be a number, got {v!r}")
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int):
+            bad("layer", f"must be an integer (negative: from the end), got {self.layer!r}")
         if self.lam is not None and not self.lam >= 0:
-            raise TheoryError(f"theory run: --lam must be >= 0, got {self.lam}")
+            bad("lam", f"must be >= 0, got {self.lam}")
         if not self.lam_rel >= 0:
-            raise TheoryError(f"theory run: --lam-rel must be >= 0, got {self.lam_rel}")
+            bad("lam_rel", f"must be >= 0, got {self.lam_rel}")
         if self.encoding not in pathways.ENCODINGS:
-            raise TheoryError(f"theory run: encoding must be one of {pathways.ENCODINGS}, got {self.encoding!r}")
+            bad("encoding", f"must be one of {pathways.ENCODINGS}, got {self.encoding!r}")
         if not 0 < self.tau <= 1:
-            raise TheoryError(f"theory run: τ must be in (0, 1], got {self.tau}")
+            bad("tau", f"must be in (0, 1], got {self.tau}")
+
+    def validate(self) -> "RunTheoryConfig":
+        """Checked when built (kept for callers that chain it)."""
         return self
 
 

@@ -64,7 +64,11 @@ class SyntheticConfig:
     lr_scale: float = 1.0  # learning rate = lr_scale / (μ_max(H) + λ)
     chunk_size: int = 128
 
+    def __post_init__(self):
+        self.validate()
+
     def validate(self) -> "SyntheticConfig":
+        """The rules, applied when the config is built (and again if called)."""
         checks = [
             (self.n >= 2, "n must be >= 2 (pathway distance needs pairs)"),
             (self.n_test >= 1, "n_test must be >= 1"),
