@@ -12,6 +12,7 @@ from pathlib import Path
 
 from moegrok.analysis.multirun import load_analysis, markdown
 from moegrok.errors import MoegrokError
+from moegrok.rundir import write_text
 
 
 def main(argv=None) -> int:
@@ -44,7 +45,7 @@ def main(argv=None) -> int:
     if a.out == "-":
         print(text)
     else:
-        Path(a.out).write_text(text)
+        write_text(Path(a.out), text)
     return 0
 
 

@@ -79,6 +79,12 @@ def make_plan(raw_cfg: dict, platform: str) -> tuple[Plan, Any]:
     if platform not in PLATFORMS:
         raise MoegrokError(f"plan: --platform must be one of {list(PLATFORMS)}, got {platform!r}")
     cfg = RunConfig.from_dict(raw_cfg)
+    from moegrok.analysis.run_metrics import AnalysisConfig
+    from moegrok.theory.fromrun import RunTheoryConfig
+    from moegrok.training.config import dataclass_from_dict
+
+    for section, cls in (("analysis", AnalysisConfig), ("theory", RunTheoryConfig)):  # what `moegrok run` refuses
+        dataclass_from_dict(cls, raw_cfg.get(section), section)
     corpus = build_corpus(cfg.data)
     rows, T = corpus.batch(0)["tokens"].shape
     counts = parameter_counts(cfg.model)

@@ -9,6 +9,7 @@ import re
 import time
 from pathlib import Path
 
+from moegrok import rundir
 from moegrok.errors import MoegrokError
 
 STAGES = ("train", "analyze", "theory", "report")
@@ -123,7 +124,7 @@ def write_report(run_dir: Path, timings: dict[str, float]) -> Path:
         else:
             lines += [f"n/a: {sub} was not produced", ""]
     out = run_dir / "report.md"
-    out.write_text("\n".join(lines))
+    rundir.write_text(out, "\n".join(lines))
     return out
 
 
@@ -157,7 +158,7 @@ def run_study(config: str | Path, run_dir: str | Path, overrides: list[str] = ()
     timings["theory"] = time.perf_counter() - t0
     _stage(4, "report", "report.md")
     out = write_report(run_dir, timings)
-    (run_dir / "study_timings.json").write_text(json.dumps(timings, indent=1))
+    rundir.write_text(run_dir / "study_timings.json", json.dumps(timings, indent=1))
     print(f"report: {out}")
     return out
 

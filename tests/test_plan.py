@@ -70,3 +70,10 @@ def test_plan_lowers_for_cuda_without_ragged_dot(tmp_path, capsys):
 def test_plan_refuses_bad_values(tmp_path, capsys):
     assert main(["plan", str(ROOT / "configs" / "tiny.yaml"), "model.moe_impl=fast"]) == 1
     assert "moe_impl" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_shipped_config_builds(name, capsys):
+    """Every config in configs/ parses and validates (model, data, train, analysis sections) and has a plan."""
+    assert main(["plan", str(ROOT / "configs" / name), "--platform", "cpu"]) == 0
+    assert "model FLOPs per training step" in capsys.readouterr().out

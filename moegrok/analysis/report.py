@@ -17,7 +17,7 @@ from typing import Mapping
 import numpy as np
 
 from moegrok.analysis import correlations as corr_mod
-from moegrok.rundir import method_link
+from moegrok.rundir import method_link, write_text
 from moegrok.tables import write_csv
 from moegrok.analysis.figures import write_figures
 from moegrok.analysis.run_metrics import (METRICS, NAN, PATHWAY_FIELDS, Analysis, AnalysisConfig, RunData, cell_text,
@@ -95,10 +95,10 @@ def write_outputs(a: Analysis, out: Path, control_dir=None) -> Path:
                                           "train_index", "test_index", "similarity", "n_train", "n_test",
                                           "embedding"))
     write_csv(out / "correlations.csv", [corr_mod.row_dict(r) for r in a.correlations], corr_mod.CSV_FIELDS)
-    (out / "correlations.md").write_text(correlation_markdown(a, control_dir))
-    (out / "summary.json").write_text(json.dumps(summary_dict(a), indent=1, default=_json_default))
+    write_text(out / "correlations.md", correlation_markdown(a, control_dir))
+    write_text(out / "summary.json", json.dumps(summary_dict(a), indent=1, default=_json_default))
     figs = write_figures(a, out / "figures") if a.config.figures else {}
-    (out / "report.md").write_text(report_markdown(a, figs, control_dir))
+    write_text(out / "report.md", report_markdown(a, figs, control_dir))
     return out
 
 

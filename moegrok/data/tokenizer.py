@@ -13,7 +13,7 @@ import numpy as np
 
 from moegrok.errors import MoegrokError
 
-SPECIALS = ("<pad>", "<bos>", "<eos>")
+RESERVED_TOKENS = ("<pad>", "<bos>", "<eos>")
 NUM_BYTES = 256
 
 
@@ -42,19 +42,19 @@ class BuiltinTokenizer:
     def __init__(self, symbols: Sequence[str], byte_fallback: bool = False):
         symbols = list(symbols)
         for s in symbols:
-            if not s or any(c.isspace() for c in s) or s in SPECIALS:
+            if not s or any(c.isspace() for c in s) or s in RESERVED_TOKENS:
                 raise MoegrokError(f"built-in tokenizer: symbol {s!r} must be non-empty, without whitespace, and not "
-                                   f"one of {SPECIALS}")
+                                   f"one of {RESERVED_TOKENS}")
         if len(set(symbols)) != len(symbols):
             raise MoegrokError("built-in tokenizer: symbols must be unique")
         self.symbols = tuple(symbols)
         self.byte_fallback = bool(byte_fallback)
         self.pad_id, self.bos_id, self.eos_id = 0, 1, 2
-        self._sym_base = len(SPECIALS)
+        self._sym_base = len(RESERVED_TOKENS)
         self._byte_base = self._sym_base + len(symbols)
         self.vocab_size = self._byte_base + (NUM_BYTES if byte_fallback else 0)
         self._to_id = {s: self._sym_base + i for i, s in enumerate(symbols)}
-        self._names = list(SPECIALS) + list(symbols)
+        self._names = list(RESERVED_TOKENS) + list(symbols)
         # Longest first so that a symbol that is a prefix of another cannot shadow it.
         alts = "|".join(re.escape(s) for s in sorted(symbols, key=len, reverse=True))
         self._sym_re = re.compile(rf"(?<!\S)(?:{alts})(?!\S)") if symbols else None

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from moegrok.theory.fromrun import KERNELS, RunTheoryConfig, run_theory_rows
+from moegrok.rundir import write_text
 from moegrok.tables import NA, pyplot, write_csv
 from moegrok.theory.report import corr_text, correlation
 
@@ -79,7 +80,7 @@ def write_run(rows: list[dict[str, Any]], cfg: RunTheoryConfig, run_dir: str | P
     write_csv(out / "run_kernel.csv", rows)
     write_csv(out / "run_correlations.csv", corr)
     figs = _figures(rows, out)
-    (out / "theory.md").write_text(_markdown(rows, corr, cfg, run_dir, figs))
+    write_text(out / "theory.md", _markdown(rows, corr, cfg, run_dir, figs))
     return {"rows": len(rows), "correlations": corr}
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from moegrok.rundir import write_text
 from moegrok.tables import fmt, fmt_p, pyplot, write_csv
 from moegrok.theory.report import corr_text, correlation
 from moegrok.theory.synthetic import SyntheticConfig, SyntheticResult
@@ -193,7 +194,7 @@ def write_synthetic(result: SyntheticResult, cfg: SyntheticConfig, out_dir: str 
     _bound_fig(result, out / "fig_bound.png")
     # corr[0]: all runs, text distance vs d_eff/n at the absolute λ
     summary = {"corr_all": corr[0], "violations": len(viol), "width_rows": wrows, "width_slope": width_slope(wrows)}
-    (out / "theory.md").write_text(_markdown(result, cfg, corr, seeds, viol, wrows, summary, elapsed_s,
+    write_text(out / "theory.md", _markdown(result, cfg, corr, seeds, viol, wrows, summary, elapsed_s,
                                                    grid, tracking))
     return summary
 
