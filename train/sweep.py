@@ -99,14 +99,15 @@ def main(argv=None) -> int:
         if finished(run_dir):
             print(f"[skip] {name}: finished", flush=True)
         else:
-            cmd = ["moegrok", "train", args.config, "--run-dir", str(run_dir), "--no-progress",
+            cmd = [sys.executable, "-m", "moegrok.cli", "train", args.config, "--run-dir", str(run_dir),
+                   "--no-progress",
                    f"train.mesh_data={args.mesh_data}", *args.overrides, *ov]
             print(f"[run] {name}: {' '.join(cmd)}", flush=True)
             if not args.dry_run and subprocess.call(cmd) != 0:
                 print(f"[fail] {name}: moegrok train exited non-zero; re-run this command to resume", flush=True)
                 return 1
         if args.analyze and not (run_dir / "analysis" / "summary.json").exists():
-            cmd = ["moegrok", "analyze", str(run_dir), "--no-progress"]
+            cmd = [sys.executable, "-m", "moegrok.cli", "analyze", str(run_dir), "--no-progress"]
             print(f"[analyze] {name}: {' '.join(cmd)}", flush=True)
             if not args.dry_run and subprocess.call(cmd) != 0:
                 print(f"[fail] {name}: moegrok analyze exited non-zero", flush=True)
