@@ -11,7 +11,9 @@ Prints and writes JSON with:
   (b) train-step tokens/s and MFU for configs/gpu.yaml's model (bf16) and for a 2-layer model at OLMoE-1B-7B shapes
       (MFU = model FLOPs per step as `moegrok plan` counts them / step time / the chip's peak bf16 FLOP/s);
   (c) routing-capture tokens/s (`moegrok olmoe`'s forward) at OLMoE-1B-7B shapes, random weights, bf16, 16 layers.
-Only JAX, Flax, Optax and moegrok are needed (tokamax optional: carry its wheel).
+Only JAX, Flax, Optax and moegrok are needed; tokamax is optional. For an offline GPU machine, download its wheels
+here first (`bash benchmarks/device/fetch_wheels.sh`), carry `benchmarks/device/wheels`, and run there
+`pip install --no-index --find-links benchmarks/device/wheels tokamax && python benchmarks/device/run.py --out R.json`.
 """
 from __future__ import annotations
 

@@ -106,9 +106,13 @@ def tokamax_available() -> bool:
 def experts_tokamax(x_NxD, gate_up_ExDx2I, down_ExIxD, topw_Nxk, topi_Nxk):
     try:
         import tokamax
+        from absl import flags
     except ImportError:
         raise MoegrokError("model config: moe_impl 'tokamax' needs the tokamax package: "
                            "pip install 'moegrok[gpu]' (or moe_impl: auto / blocked)") from None
+    # tokamax reads absl flags; unparsed, absl would parse sys.argv (moegrok's or pytest's options) and refuse them.
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
     return experts_ragged_dot(x_NxD, gate_up_ExDx2I, down_ExIxD, topw_Nxk, topi_Nxk, ragged_dot=tokamax.ragged_dot)
 
 
