@@ -260,11 +260,12 @@ def gather_rows(tree, n: int):
     padded) along axis 0 and keep the first `n`: the whole result on every process."""
     if process_count() == 1:
         return tree
+    import jax
     import numpy as np
     from jax.experimental import multihost_utils
 
     got = multihost_utils.process_allgather(tree, tiled=True)
-    return __import__("jax").tree.map(lambda a: np.asarray(a)[:n], got)
+    return jax.tree.map(lambda a: np.asarray(a)[:n], got)
 
 
 def row_share(n: int) -> tuple[int, int, int]:
