@@ -26,11 +26,6 @@ def study_metrics() -> list[str]:
 
     return [m.name for m in METRICS if m.study]
 
-
-def expected_sign() -> dict[str, int]:
-    from moegrok.analysis.run_metrics import METRICS
-
-    return {m.name: m.direction for m in METRICS if m.study and m.direction}
 TARGET_R = 0.8  # the paper's |r| the project is after (issue #6): distance <= -0.8, consistency >= +0.8, p < 0.05
 
 

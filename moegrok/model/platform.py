@@ -16,8 +16,8 @@ def current() -> str:
 
     backend = jax.default_backend()
     if backend == "gpu":
-        dev = jax.devices()[0]
-        return "rocm" if "rocm" in getattr(dev, "client", object()).platform_version.lower() else "cuda"
+        version = str(getattr(getattr(jax.devices()[0], "client", None), "platform_version", ""))
+        return "rocm" if "rocm" in version.lower() else "cuda"
     return backend
 
 
