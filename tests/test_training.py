@@ -9,11 +9,13 @@ import signal
 import subprocess
 import sys
 import textwrap
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from moegrok import RunDir
 from moegrok.errors import MoegrokError
@@ -397,6 +399,34 @@ def test_bad_fork_is_refused_with_the_reason(tiny_run, tmp_path, override, step,
     with pytest.raises(MoegrokError, match=needle):
         train(tiny_cfg(override), tmp_path / "f", progress=False, fork=(tiny_run, step))
     assert not (tmp_path / "f" / "config.yaml").exists()
+
+
+def _as_saved_by_an_older_version(run_dir: Path) -> None:
+    """config.yaml as an older moegrok wrote it: fields added since are absent, the then-default lowering named."""
+    path = run_dir / "config.yaml"
+    raw = yaml.safe_load(path.read_text())
+    for field in ("attention_impl", "remat"):
+        del raw["model"][field]
+    raw["model"]["moe_impl"] = "blocked"
+    path.write_text(yaml.safe_dump(raw))
+
+
+def test_runs_saved_by_an_older_version_fork_and_resume(tiny_run, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(tiny_run, old)
+    _as_saved_by_an_older_version(old)
+    fork = tmp_path / "fork"
+    train(tiny_cfg("train.weight_decay=5.0"), fork, progress=False, fork=(old, 20))
+    assert RunDir(fork).steps == [10, 20, 30, 40]
+    # resuming the old run with today's defaults is the same run (nothing left to do), not a refusal
+    train(tiny_cfg(), old, progress=False)
+    assert RunDir(old).steps == [10, 20, 30, 40]
+    # a real change is still named, with every default filled in on both sides
+    with pytest.raises(MoegrokError, match=r"model\.hidden_size"):
+        train(tiny_cfg("model.hidden_size=48"), old, progress=False)
+    with pytest.raises(MoegrokError, match=r"model\.num_experts"):
+        train(tiny_cfg("model.num_experts=2", "model.num_experts_per_tok=1"), tmp_path / "f2", progress=False,
+              fork=(old, 20))
 
 
 def test_fork_flag_is_parsed():

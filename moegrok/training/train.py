@@ -17,7 +17,7 @@ import shutil
 import time
 import types
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -213,9 +213,8 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig, corpus, extra_meta: dict | No
     cfg_path = run_dir / "config.yaml"
     resolved = cfg.to_dict()
     if cfg_path.exists():
-        old = yaml.safe_load(cfg_path.read_text()) or {}
-        if old != resolved:
-            diffs = _dict_diff(old, resolved)
+        diffs = config_diffs(yaml.safe_load(cfg_path.read_text()) or {}, cfg, cfg_path)
+        if diffs:
             raise MoegrokError(
                 f"{run_dir} holds a run with a different config ({'; '.join(diffs[:6])}); "
                 f"use a new --run-dir or the same config to resume")
@@ -235,6 +234,22 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig, corpus, extra_meta: dict | No
                       data_fingerprint=corpus.fingerprint, corpus=corpus.summary(), **(extra_meta or {}))
     rundir.write_text(cfg_path, yaml.safe_dump(resolved, sort_keys=True))  # last: config.yaml = a complete start
     return False
+
+
+# How a run is executed, not what it computes: the expert and attention lowerings are tested equal to the plain
+# model, so a resume or a fork may pick another (e.g. the fast path of the machine it continues on).
+EXECUTION_FIELDS = ("model.moe_impl", "model.attention_impl", "model.remat")
+
+
+def config_diffs(saved: dict, cfg: "RunConfig", source: Path, allowed: Sequence[str] = ()) -> list[str]:
+    """What `cfg` changes relative to a run's saved config.yaml, both with every default filled in (a run saved
+    by an older moegrok lacks fields added since), leaving out `allowed` (dotted prefixes) and execution fields."""
+    try:
+        old = RunConfig.from_dict(saved).to_dict()
+    except MoegrokError as e:
+        raise MoegrokError(f"{source}: the saved config no longer parses ({e})") from None
+    skip = tuple(f"{a}:" for a in (*EXECUTION_FIELDS, *allowed))
+    return [d for d in _dict_diff(old, cfg.to_dict()) if not d.startswith(skip)]
 
 
 def _dict_diff(a, b, prefix="") -> list[str]:
@@ -288,10 +303,10 @@ def check_fork(parent: Path, step: int, cfg: RunConfig) -> None:
     if step not in rd.checkpoint_steps or step not in rd.steps:
         raise MoegrokError(f"--fork {parent}@{step}: no complete checkpoint at step {step} in {parent} "
                            f"(checkpoints: {rd.checkpoint_steps})")
-    old, new = rd.config, cfg.to_dict()
-    diffs = [d for d in _dict_diff(old, new) if not any(d.startswith(f"train.{f}:") for f in FORKABLE)]
+    diffs = config_diffs(rd.config, cfg, parent / "config.yaml", [f"train.{f}" for f in FORKABLE])
     if diffs:
-        raise MoegrokError(f"--fork {parent}@{step}: a fork may change only train.{{{', '.join(FORKABLE)}}}; "
+        raise MoegrokError(f"--fork {parent}@{step}: a fork may change only train.{{{', '.join(FORKABLE)}}} and "
+                           f"{', '.join(EXECUTION_FIELDS)}; "
                            f"this config also changes {'; '.join(diffs[:6])}")
 
 
