@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
-import shutil
 import time
 from pathlib import Path
 

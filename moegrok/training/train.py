@@ -241,7 +241,7 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig, corpus, extra_meta: dict | No
 EXECUTION_FIELDS = ("model.moe_impl", "model.attention_impl", "model.remat")
 
 
-def config_diffs(saved: dict, cfg: "RunConfig", source: Path, allowed: Sequence[str] = ()) -> list[str]:
+def config_diffs(saved: dict, cfg: RunConfig, source: Path, allowed: Sequence[str] = ()) -> list[str]:
     """What `cfg` changes relative to a run's saved config.yaml, both with every default filled in (a run saved
     by an older moegrok lacks fields added since), leaving out `allowed` (dotted prefixes) and execution fields."""
     try:
