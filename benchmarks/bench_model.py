@@ -74,6 +74,8 @@ def main(argv=None) -> None:
     from flax import nnx
     from transformers import OlmoeForCausalLM
 
+    from moegrok.families import hf_config_object
+
     from moegrok.convert.hf import load_olmoe
     from moegrok.model.config import MOE_IMPLS, MoeConfig
 
@@ -81,7 +83,7 @@ def main(argv=None) -> None:
                     num_hidden_layers=args.layers, num_attention_heads=args.heads, num_experts=args.experts,
                     num_experts_per_tok=args.topk, eos_token_id=None, pad_token_id=None)
     torch.manual_seed(0)
-    hf = OlmoeForCausalLM(cfg.to_hf_config()).eval()
+    hf = OlmoeForCausalLM(hf_config_object(cfg)).eval()
     with tempfile.TemporaryDirectory() as tmp:  # same weights on both sides, through the converter
         hf.save_pretrained(tmp)
         ours = load_olmoe(tmp, dtype="float32")

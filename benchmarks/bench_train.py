@@ -74,6 +74,8 @@ def main() -> None:
     from flax import nnx
     from transformers import OlmoeForCausalLM
 
+    from moegrok.families import hf_config_object
+
     from moegrok.model.config import MoeConfig
     from moegrok.model.model import MoeLM
     from moegrok.probe import probe_record
@@ -115,7 +117,7 @@ def main() -> None:
 
             settings[f"moegrok[{impl}, {nd} device{'s' if nd > 1 else ''}]"] = (lambda: None, run)
 
-    hf_cfg = cfg.to_hf_config()
+    hf_cfg = hf_config_object(cfg)
     hf_cfg.output_router_logits = True
     torch.manual_seed(0)
     hf = OlmoeForCausalLM(hf_cfg).train()

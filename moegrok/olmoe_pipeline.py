@@ -359,12 +359,12 @@ def register(sub) -> None:
 def _cli(args: argparse.Namespace) -> int:
     opts: dict[str, Any] = {}
     if args.config:
-        import yaml
+        from moegrok.config_values import load_yaml
 
         path = Path(args.config)
         if not path.is_file():
             raise MoegrokError(f"{path}: config file not found")
-        opts = yaml.safe_load(path.read_text()) or {}
+        opts = load_yaml(path.read_text()) or {}
         allowed = {"checkpoints", "texts", "run_dir", "tests", "correctness_dir", "tokenizer", "max_len",
                    "batch_size", "truncate", "dtype", "mc_norm", "cpu_devices"}
         unknown = sorted(set(opts) - allowed)

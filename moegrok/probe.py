@@ -114,11 +114,11 @@ def _probe_batch(model: MoeLM, moe_impl, tokens_BxT, mask_BxT, answer_BxT):
     ans = (valid & answer_BxT[:, 1:]).astype(jnp.float32)  # position t scores token t+1
     n_ans = ans.sum(1)
     answer_loss = jnp.where(n_ans > 0, jnp.sum(nll * ans, axis=1) / jnp.maximum(n_ans, 1.0), jnp.nan)
-    k = model.cfg.num_experts_per_tok
-    probs_LxBxTxE = jax.nn.softmax(out.router_logits, axis=-1)
+    # g: the routing distribution (METHOD §4); top-k: the experts the model chose, weighted by g (before any
+    # renormalisation or scaling the family applies to its mixing weights).
+    probs_LxBxTxE, topw, topi = model.routing(out.router_logits)
     m = mask_BxT.astype(jnp.float32)
     route_probs_BxLxE = jnp.einsum("lbte,bt->ble", probs_LxBxTxE, m) / jnp.maximum(m.sum(1), 1.0)[:, None, None]
-    topw, topi = jax.lax.top_k(probs_LxBxTxE, k)  # the routing decision itself, before any renormalisation
     return {
         "sample_loss": sample_nll(out.logits, tokens_BxT, mask_BxT),
         "answer_loss": answer_loss,

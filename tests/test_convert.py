@@ -16,10 +16,12 @@ import yaml
 
 from moegrok.cli import main
 from moegrok.convert import safetensors_io as st
-from moegrok.convert.hf import (HF_OLMOE_DEFAULTS, INDEX, load_olmoe, moe_config_from_hf_json, parse_size,
+from moegrok.convert.hf import (INDEX, load_olmoe, moe_config_from_hf_json, parse_size,
                                 save_olmoe)
 from moegrok.convert.native import load_model, save_model
 from moegrok.errors import MoegrokError
+from moegrok.families import config_from_hf
+from moegrok.families.olmoe import DEFAULTS as HF_OLMOE_DEFAULTS
 from moegrok.model.config import MoeConfig
 from moegrok.model.model import MoeLM, get_params
 
@@ -255,7 +257,7 @@ def test_config_parsing_matches_transformers():
         json.loads(hf_config(rope_parameters={"rope_type": "default", "rope_theta": 77.0}).to_json_string()),
     ]
     for d in cases:
-        ref = MoeConfig.from_hf_config(OlmoeConfig(**{k: v for k, v in d.items() if k != "model_type"}))
+        ref = config_from_hf(OlmoeConfig(**{k: v for k, v in d.items() if k != "model_type"}).to_dict())
         assert moe_config_from_hf_json(d) == ref
 
 
@@ -334,7 +336,8 @@ BAD = {
                     r"lacks 1 tensor\(s\) .*'model\.layers\.0\.mlp\.experts\.2\.down_proj\.weight' \(expected shape "
                     r"\(16, 12\)\)"),
     "unsupported model_type": (lambda d: edit_config(d, model_type="llama"),
-                               r"config\.json: model_type is 'llama', expected 'olmoe'"),
+                               r"config\.json: model_type 'llama' has no JAX implementation \(JAX families: olmoe, mixtral, "
+                               r"qwen2_moe, qwen3_moe, glm4_moe\); .*--backend torch"),
     "config has more experts": (lambda d: edit_config(d, num_experts=E + 2),
                                 r"lacks \d+ tensor\(s\).*experts\.4\..*num_experts=6"),
     "config has fewer layers": (lambda d: edit_config(d, num_hidden_layers=1),

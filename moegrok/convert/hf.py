@@ -1,10 +1,11 @@
-"""Hugging Face OLMoE checkpoints <-> `MoeLM`.
+"""Hugging Face MoE checkpoints <-> `MoeLM`, for every family in `moegrok.families`.
 
-A HF OLMoE directory holds `config.json` and either `model.safetensors` or shards listed in
-`model.safetensors.index.json`. Hub checkpoints (and `save_pretrained`) store experts one by one,
-`model.layers.N.mlp.experts.M.{gate,up,down}_proj.weight` (torch Linear, `[out, in]`); newer `transformers` keeps
-them fused in memory (`mlp.experts.gate_up_proj [E, 2I, D]`, gate half first, and `mlp.experts.down_proj [E, D, I]`),
-and we read that layout too. Our parameters are `[in, out]`; experts are `gate_up [E, D, 2I]`, `down [E, I, D]`.
+A HF directory holds `config.json` and either `model.safetensors` or shards listed in `model.safetensors.index.json`.
+Hub checkpoints (and `save_pretrained`) store experts one by one (`model.layers.N.mlp.experts.M.gate_proj.weight`,
+Mixtral's `block_sparse_moe.experts.M.w1.weight`, torch Linear `[out, in]`); transformers 5 keeps them fused in
+memory (`mlp.experts.gate_up_proj [E, 2I, D]`, gate half first, and `mlp.experts.down_proj [E, D, I]`), and we read
+that layout too. Our parameters are `[in, out]`; experts are `gate_up [E, D, 2I]`, `down [E, I, D]`. Which tensor
+goes where is `moegrok.families.tensor_map`, the one map the loader and the writer share.
 
 Loading streams: the model is built abstractly and filled one parameter at a time from plain file reads, so peak
 memory stays near one copy of the weights. Everything about the checkpoint (keys, shapes, dtypes, shards, byte
@@ -15,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import types
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -23,8 +23,10 @@ import numpy as np
 
 from moegrok.convert import safetensors_io as st
 from moegrok.errors import MoegrokError
-from moegrok.rundir import atomic_dir
+from moegrok.families import config_from_hf, family, hf_config_kwargs, hf_config_object, tensor_map
+from moegrok.families.base import ignored
 from moegrok.model.config import DTYPES, MoeConfig
+from moegrok.rundir import atomic_dir
 
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
@@ -32,44 +34,18 @@ INDEX = "model.safetensors.index.json"
 FLOAT_CODES = ("F32", "BF16", "F16", "F64")
 IGNORED_KEY = re.compile(r".*rotary_emb\.inv_freq$")  # a buffer some older exports carry; recomputed, never loaded
 
-# `OlmoeConfig`'s defaults for keys a config.json may omit. Kept here so loading does not import transformers
-# (and with it torch: ~200 MB of RSS and seconds of start-up); tests check them against the real class.
-HF_OLMOE_DEFAULTS: dict[str, Any] = dict(
-    vocab_size=50304, hidden_size=2048, intermediate_size=2048, num_hidden_layers=16, num_attention_heads=16,
-    num_key_value_heads=None, hidden_act="silu", max_position_embeddings=4096, initializer_range=0.02,
-    rms_norm_eps=1e-5, pad_token_id=1, bos_token_id=None, eos_token_id=50279, tie_word_embeddings=False,
-    attention_bias=False, clip_qkv=None, num_experts_per_tok=8, num_experts=64, router_aux_loss_coef=0.01,
-    norm_topk_prob=False,
-)
-
 
 # ----------------------------------------------------------------------------------------------------- config
 def moe_config_from_hf_json(d: Mapping[str, Any], where: str = CONFIG, **overrides: Any) -> MoeConfig:
-    """A HF OLMoE `config.json` dict -> MoeConfig (same result as `MoeConfig.from_hf_config(OlmoeConfig(**d))`)."""
-    if not isinstance(d, Mapping):
-        raise MoegrokError(f"{where}: expected a JSON object")
-    if d.get("model_type") != "olmoe":
-        raise MoegrokError(f"{where}: model_type is {d.get('model_type')!r}, expected 'olmoe' (only OLMoE "
-                           f"checkpoints can be loaded)")
-    merged = {**HF_OLMOE_DEFAULTS, **{k: v for k, v in d.items() if k in HF_OLMOE_DEFAULTS}}
-    if merged["num_key_value_heads"] is None:
-        merged["num_key_value_heads"] = merged["num_attention_heads"]
-    if d.get("rope_scaling") is not None:  # the pre-5.0 name for non-default RoPE
-        raise MoegrokError(f"{where}: rope_scaling {d['rope_scaling']!r} is not supported (only default RoPE)")
-    rope = d.get("rope_parameters") or {"rope_type": "default", "rope_theta": d.get("rope_theta", 10000.0)}
-    hf_like = types.SimpleNamespace(model_type="olmoe", rope_parameters=rope, **merged)
-    try:
-        return MoeConfig.from_hf_config(hf_like, **overrides)
-    except MoegrokError as e:
-        raise MoegrokError(f"{where}: {e}") from None
-    except (TypeError, ValueError, AttributeError) as e:
-        raise MoegrokError(f"{where}: invalid value ({e})") from None
+    """A HF `config.json` dict of any JAX family -> MoeConfig."""
+    return config_from_hf(d, where, **overrides)
 
 
 def hf_config_dict(cfg: MoeConfig, dtype: str) -> dict[str, Any]:
-    """The config.json we write: `cfg.to_hf_config()` as HF serialises it, plus architecture and dtype."""
-    hf = cfg.to_hf_config()
-    hf.architectures = ["OlmoeForCausalLM"]
+    """The config.json we write: the family's transformers config as HF serialises it, plus architecture and
+    dtype."""
+    hf = hf_config_object(cfg)
+    hf.architectures = [family(cfg.family).architecture]
     d = json.loads(hf.to_json_string(use_diff=True))
     d["dtype"] = dtype
     return d
@@ -85,61 +61,19 @@ def read_json(path: Path, what: str) -> Any:
 
 
 # -------------------------------------------------------------------------------------------- tensor mapping
-def _simple_pairs(cfg: MoeConfig) -> list[tuple[tuple[str, ...], str, bool]]:
-    """(our param path, HF key, transposed?) for every tensor that maps one-to-one (all but the experts)."""
-    pairs = [(("embed",), "model.embed_tokens.weight", False)]
-    for i in range(cfg.num_hidden_layers):
-        L, p = ("layers", str(i)), f"model.layers.{i}."
-        pairs += [
-            (L + ("attn", "wq"), p + "self_attn.q_proj.weight", True),
-            (L + ("attn", "wk"), p + "self_attn.k_proj.weight", True),
-            (L + ("attn", "wv"), p + "self_attn.v_proj.weight", True),
-            (L + ("attn", "wo"), p + "self_attn.o_proj.weight", True),
-            (L + ("attn", "q_norm", "scale"), p + "self_attn.q_norm.weight", False),
-            (L + ("attn", "k_norm", "scale"), p + "self_attn.k_norm.weight", False),
-            (L + ("moe", "router"), p + "mlp.gate.weight", True),
-            (L + ("input_norm", "scale"), p + "input_layernorm.weight", False),
-            (L + ("post_attn_norm", "scale"), p + "post_attention_layernorm.weight", False),
-        ]
-    pairs.append((("norm", "scale"), "model.norm.weight", False))
-    if not cfg.tie_word_embeddings:
-        pairs.append((("lm_head",), "lm_head.weight", True))
-    return pairs
+def fused_layers(cfg: MoeConfig, index: Mapping[str, Any]) -> frozenset[int]:
+    """MoE layers whose checkpoint holds the experts fused (transformers 5's in-memory layout)."""
+    m = family(cfg.family).moe_module
+    return frozenset(i for i in cfg.moe_layer_ids if f"model.layers.{i}.{m}.experts.gate_up_proj" in index)
 
 
-def expert_key(layer: int, expert: int, proj: str) -> str:
-    return f"model.layers.{layer}.mlp.experts.{expert}.{proj}_proj.weight"
+def param_maps(cfg: MoeConfig, fused: frozenset[int] = frozenset()):
+    return tensor_map(cfg, family(cfg.family), fused)
 
 
-def fused_keys(layer: int) -> tuple[str, str]:
-    return f"model.layers.{layer}.mlp.experts.gate_up_proj", f"model.layers.{layer}.mlp.experts.down_proj"
-
-
-def expected_hf_shapes(cfg: MoeConfig, fused_layers: frozenset[int] = frozenset()) -> dict[str, tuple[int, ...]]:
+def expected_hf_shapes(cfg: MoeConfig, fused: frozenset[int] = frozenset()) -> dict[str, tuple[int, ...]]:
     """Every HF tensor a checkpoint of `cfg` must hold, with its shape (torch `[out, in]` layout)."""
-    D, I, E, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, cfg.vocab_size
-    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (V, D)
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        shapes.update({
-            p + "self_attn.q_proj.weight": (q, D), p + "self_attn.k_proj.weight": (kv, D),
-            p + "self_attn.v_proj.weight": (kv, D), p + "self_attn.o_proj.weight": (D, q),
-            p + "self_attn.q_norm.weight": (q,), p + "self_attn.k_norm.weight": (kv,),
-            p + "mlp.gate.weight": (E, D), p + "input_layernorm.weight": (D,),
-            p + "post_attention_layernorm.weight": (D,),
-        })
-        if i in fused_layers:
-            gu, dn = fused_keys(i)
-            shapes[gu], shapes[dn] = (E, 2 * I, D), (E, D, I)
-        else:
-            for e in range(E):
-                shapes[expert_key(i, e, "gate")] = (I, D)
-                shapes[expert_key(i, e, "up")] = (I, D)
-                shapes[expert_key(i, e, "down")] = (D, I)
-    return shapes
+    return {part.key: part.hf_shape for pm in param_maps(cfg, fused) for part in pm.parts}
 
 
 # ------------------------------------------------------------------------------------------- checkpoint files
@@ -170,16 +104,18 @@ def checkpoint_index(path: str | os.PathLike) -> dict[str, st.TensorInfo]:
     if (path / SINGLE).is_file():
         return st.read_header(path / SINGLE)[0]
     if not path.is_dir():
-        raise MoegrokError(f"{path}: not a directory (expected a Hugging Face OLMoE checkpoint directory)")
+        raise MoegrokError(f"{path}: not a directory (expected a Hugging Face checkpoint directory)")
     found = sorted(p.name for p in path.iterdir())[:10]
     raise MoegrokError(f"{path}: no {SINGLE} or {INDEX} (found {found}); only safetensors checkpoints are supported")
 
 
 def _check_against_config(index: Mapping[str, st.TensorInfo], cfg: MoeConfig, fused: frozenset[int],
                           where: Path) -> None:
+    fam = family(cfg.family)
     expected = expected_hf_shapes(cfg, fused)
-    summary = (f"config.json says num_hidden_layers={cfg.num_hidden_layers}, num_experts={cfg.num_experts}, "
-               f"hidden_size={cfg.hidden_size}, intermediate_size={cfg.intermediate_size}")
+    summary = (f"config.json says model_type={cfg.family!r}, num_hidden_layers={cfg.num_hidden_layers}, "
+               f"num_experts={cfg.num_experts}, hidden_size={cfg.hidden_size}, "
+               f"intermediate_size={cfg.intermediate_size}")
     missing = [k for k in expected if k not in index]
     if missing:
         raise MoegrokError(f"{where}: checkpoint lacks {len(missing)} tensor(s) the config needs, e.g. "
@@ -193,7 +129,8 @@ def _check_against_config(index: Mapping[str, st.TensorInfo], cfg: MoeConfig, fu
             raise MoegrokError(f"{info.file}: tensor '{key}' has dtype {info.dtype}, expected a float type "
                                f"{FLOAT_CODES}")
     tolerated = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
-    extra = [k for k in index if k not in expected and k not in tolerated and not IGNORED_KEY.match(k)]
+    extra = [k for k in index if k not in expected and k not in tolerated and not IGNORED_KEY.match(k)
+             and not ignored(fam, cfg, k)]
     if extra:
         raise MoegrokError(f"{where}: checkpoint has {len(extra)} tensor(s) the config does not account for, e.g. "
                            f"'{extra[0]}' (config and weights disagree?); {summary}")
@@ -276,55 +213,38 @@ def _assign(dst: np.ndarray, src: np.ndarray, transposed: bool = False) -> None:
             dst[r:r + rows, c:c + cols] = src[c:c + cols, r:r + rows].T
 
 
-def _build_params(cfg: MoeConfig, fused: frozenset[int], read: _Reader, np_dtype,
-                  put: Callable[[np.ndarray], Any]) -> dict:
+def _build_params(maps, read: _Reader, np_dtype, put: Callable[[np.ndarray], Any]) -> dict:
     """Our parameter pytree (string keys, as `get_params`), one parameter at a time through `put`. Every array
     handed to `put` is fresh, C-contiguous and 64-byte aligned; at most one staging buffer is alive at a time."""
     params: dict = {}
-    for path, key, transposed in _simple_pairs(cfg):
-        if not transposed and read.index[key].dtype == st.CODES[np.dtype(np_dtype)]:
-            arr = read(key, aligned=True)  # already in our layout: the read buffer itself becomes the parameter
+    for pm in maps:
+        only = pm.parts[0]
+        if len(pm.parts) == 1 and not only.transposed and read.index[only.key].dtype == st.CODES[np.dtype(np_dtype)]:
+            arr = read(only.key, aligned=True)  # already in our layout: the read buffer itself becomes the parameter
         else:
-            a = read(key)
-            arr = st.aligned_empty(a.shape[::-1] if transposed else a.shape, np_dtype)
-            _assign(arr, a, transposed)
-            del a
-        _set_path(params, path, put(arr))
-        del arr
-    D, I, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
-    for i in range(cfg.num_hidden_layers):
-        moe = ("layers", str(i), "moe")
-        gu_key, dn_key = fused_keys(i)
-        gate_up = st.aligned_empty((E, D, 2 * I), np_dtype)
-        if i in fused:
-            fused_gu = read(gu_key)
-            for e in range(E):
-                _assign(gate_up[e], fused_gu[e], transposed=True)
-            del fused_gu
-        else:
-            for e in range(E):
-                _assign(gate_up[e, :, :I], read(expert_key(i, e, "gate"), scratch=True), transposed=True)
-                _assign(gate_up[e, :, I:], read(expert_key(i, e, "up"), scratch=True), transposed=True)
-        _set_path(params, moe + ("gate_up",), put(gate_up))
-        del gate_up  # before the next staging buffer is allocated
-        down = st.aligned_empty((E, I, D), np_dtype)
-        if i in fused:
-            fused_dn = read(dn_key)
-            for e in range(E):
-                _assign(down[e], fused_dn[e], transposed=True)
-            del fused_dn
-        else:
-            for e in range(E):
-                _assign(down[e], read(expert_key(i, e, "down"), scratch=True), transposed=True)
-        _set_path(params, moe + ("down",), put(down))
-        del down
+            arr = st.aligned_empty(pm.shape, np_dtype)
+            for part in pm.parts:
+                src = read(part.key, scratch=pm.experts)
+                dst = arr[part.index]
+                if part.stacked:  # a fused [E, out, in] stack: transpose expert by expert
+                    for e in range(src.shape[0]):
+                        _assign(dst[e], src[e], transposed=True)
+                elif src.ndim == 2:
+                    _assign(dst, src, part.transposed)
+                else:
+                    dst[...] = src
+                del src
+        _set_path(params, pm.path, put(arr))
+        del arr  # before the next staging buffer is allocated
     return params
 
 
-def load_olmoe(path: str | os.PathLike, dtype: str | None = None, moe_impl: str = "auto", *,
-               progress: bool = False):
-    """Load a Hugging Face OLMoE checkpoint directory into a `MoeLM`.
+def load_hf(path: str | os.PathLike, dtype: str | None = None, moe_impl: str = "auto", *, progress: bool = False):
+    """Load a Hugging Face MoE checkpoint directory of any JAX family (`moegrok.families.FAMILIES`: olmoe,
+    mixtral, qwen2_moe, qwen3_moe, glm4_moe) into a `MoeLM`, dispatching on config.json's `model_type`.
 
+    `out = model(tokens_BxT)` gives `out.logits [B, T, V]` and `out.router_logits [L_moe, B, T, E]`: the routers'
+    pre-activation scores of the MoE layers only (before softmax or sigmoid, without a selection bias).
     dtype: "float32" or "bfloat16" for parameters and activations; None keeps the checkpoint's (config.json's
     `dtype`/`torch_dtype`, else the tensors'). Per-expert and fused expert layouts are both accepted.
     Raises MoegrokError naming the file and tensor for any defect, before reading tensor data where possible.
@@ -335,24 +255,25 @@ def load_olmoe(path: str | os.PathLike, dtype: str | None = None, moe_impl: str 
 
     path = Path(path)
     if not path.is_dir():
-        raise MoegrokError(f"{path}: not a directory (expected a Hugging Face OLMoE checkpoint directory)")
+        raise MoegrokError(f"{path}: not a directory (expected a Hugging Face checkpoint directory)")
     cfg_json = read_json(path / CONFIG, "the model config")
     cfg = moe_config_from_hf_json(cfg_json, str(path / CONFIG), moe_impl=moe_impl)
     index = checkpoint_index(path)
-    fused = frozenset(i for i in range(cfg.num_hidden_layers) if fused_keys(i)[0] in index)
+    fused = fused_layers(cfg, index)
     _check_against_config(index, cfg, fused, path)
     dt = _resolve_dtype(dtype, cfg_json, index)
     cfg = cfg.replace(dtype=dt, param_dtype=dt)
     np_dtype = st.DTYPES["BF16" if dt == "bfloat16" else "F32"]
+    maps = param_maps(cfg, fused)
 
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(expected_hf_shapes(cfg, fused)), desc=f"loading {path.name}", unit="tensor")
+        bar = tqdm(total=sum(len(pm.parts) for pm in maps), desc=f"loading {path.name}", unit="tensor")
     reader = _Reader(index, on_read=bar.update if bar else None)
     try:
-        params = _build_params(cfg, fused, reader, np_dtype, _host_to_device)
+        params = _build_params(maps, reader, np_dtype, _host_to_device)
     finally:
         reader.close()
         if bar:
@@ -360,6 +281,12 @@ def load_olmoe(path: str | os.PathLike, dtype: str | None = None, moe_impl: str 
     model = nnx.eval_shape(lambda: MoeLM(cfg))
     set_params(model, params)
     return model
+
+
+def load_olmoe(path: str | os.PathLike, dtype: str | None = None, moe_impl: str = "auto", *,
+               progress: bool = False):
+    """`load_hf` (kept for the name OLMoE users know; loads every JAX family)."""
+    return load_hf(path, dtype, moe_impl, progress=progress)
 
 
 # ---------------------------------------------------------------------------------------------------- saving
@@ -379,7 +306,8 @@ def parse_size(size: int | str) -> int:
 
 
 def _hf_specs(cfg: MoeConfig, params: Mapping, np_dtype) -> list[st.TensorSpec]:
-    """Every HF tensor (per-expert layout, HF's order) as a lazy spec reading from our pytree."""
+    """Every HF tensor (per-expert layout) as a lazy spec reading from our pytree, parameter by parameter (so a
+    parameter is fetched to the host once)."""
     cache: dict[str, Any] = {}
 
     def host(path: tuple[str, ...]) -> np.ndarray:
@@ -394,49 +322,19 @@ def _hf_specs(cfg: MoeConfig, params: Mapping, np_dtype) -> list[st.TensorSpec]:
 
     scratch: dict[tuple, np.ndarray] = {}
 
-    def export(key, shape, source: Callable[[], np.ndarray], transposed: bool) -> st.TensorSpec:
+    def export(pm, part) -> st.TensorSpec:
         # write_file consumes each tensor before producing the next, so one output buffer per shape suffices.
         def produce():
-            out = scratch.setdefault(tuple(shape), np.empty(shape, np_dtype))
-            _assign(out, source(), transposed)
+            out = scratch.setdefault(part.hf_shape, np.empty(part.hf_shape, np_dtype))
+            src = host(pm.path)[part.index]
+            if src.ndim == 2:
+                _assign(out, src, part.transposed)
+            else:
+                out[...] = src
             return out
-        return st.TensorSpec(key, np_dtype, shape, produce)
+        return st.TensorSpec(part.key, np_dtype, part.hf_shape, produce)
 
-    shapes = expected_hf_shapes(cfg)
-    by_key = {key: (path, t) for path, key, t in _simple_pairs(cfg)}
-    I = cfg.intermediate_size
-    specs = []
-    for key, shape in shapes.items():  # insertion order of expected_hf_shapes = HF's module order
-        if key in by_key:
-            path, t = by_key[key]
-            specs.append(export(key, shape, lambda path=path: host(path), t))
-            continue
-        m = re.fullmatch(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight", key)
-        layer, e, proj = m.group(1), int(m.group(2)), m.group(3)
-        moe = ("layers", layer, "moe")
-        if proj == "gate":
-            src = lambda moe=moe, e=e: host(moe + ("gate_up",))[e, :, :I]  # noqa: E731
-        elif proj == "up":
-            src = lambda moe=moe, e=e: host(moe + ("gate_up",))[e, :, I:]  # noqa: E731
-        else:
-            src = lambda moe=moe, e=e: host(moe + ("down",))[e]  # noqa: E731
-        specs.append(export(key, shape, src, True))
-    return _hf_order(specs)
-
-
-def _hf_order(specs: list[st.TensorSpec]) -> list[st.TensorSpec]:
-    """Group the expert tensors of a layer together, after that layer's other tensors (reads each fused
-    parameter once per layer while writing)."""
-    def rank(s: st.TensorSpec):
-        m = re.match(r"model\.layers\.(\d+)\.(.*)", s.name)
-        if m is None:
-            return (0 if s.name.startswith("model.embed") else 2, 0, 0, s.name)
-        sub = m.group(2)
-        em = re.match(r"mlp\.experts\.(\d+)\.(gate|up|down)", sub)
-        if em is None:
-            return (1, int(m.group(1)), 0, sub)
-        return (1, int(m.group(1)), 1, {"gate": 0, "up": 1, "down": 2}[em.group(2)], int(em.group(1)))
-    return sorted(specs, key=rank)
+    return [export(pm, part) for pm in param_maps(cfg) for part in pm.parts]
 
 
 def _plan_shards(specs: list[st.TensorSpec], max_bytes: int) -> list[list[st.TensorSpec]]:
@@ -452,9 +350,9 @@ def _plan_shards(specs: list[st.TensorSpec], max_bytes: int) -> list[list[st.Ten
     return shards
 
 
-def save_olmoe(model, path: str | os.PathLike, max_shard_size: int | str = "5GB", *, dtype: str | None = None,
-               overwrite: bool = False, progress: bool = False) -> Path:
-    """Write `model` as a Hugging Face OLMoE directory (`OlmoeForCausalLM.from_pretrained` loads it).
+def save_hf(model, path: str | os.PathLike, max_shard_size: int | str = "5GB", *, dtype: str | None = None,
+            overwrite: bool = False, progress: bool = False) -> Path:
+    """Write `model` as a Hugging Face directory of its family (`AutoModelForCausalLM.from_pretrained` loads it).
 
     Per-expert keys, safetensors with metadata {"format": "pt"}, sharded with `model.safetensors.index.json` when
     larger than `max_shard_size`. dtype: None keeps the parameters' dtype. Atomic: written into a temporary
@@ -463,7 +361,7 @@ def save_olmoe(model, path: str | os.PathLike, max_shard_size: int | str = "5GB"
     from moegrok.model.model import get_params
 
     cfg: MoeConfig = model.cfg
-    cfg.to_hf_config()  # refuses configs that are not OLMoE's architecture, before anything is written
+    hf_config_kwargs(cfg)  # refuses switches the family's HF class cannot express, before anything is written
     out_dtype = dtype or cfg.param_dtype
     if out_dtype not in DTYPES:
         raise MoegrokError(f"dtype must be one of {DTYPES} or None, got {out_dtype!r}")
@@ -496,5 +394,10 @@ def save_olmoe(model, path: str | os.PathLike, max_shard_size: int | str = "5GB"
     return target
 
 
-__all__ = ["load_olmoe", "save_olmoe", "moe_config_from_hf_json", "checkpoint_index", "expected_hf_shapes",
-           "parse_size", "hf_config_dict"]
+def save_olmoe(model, path: str | os.PathLike, max_shard_size: int | str = "5GB", **kw: Any) -> Path:
+    """`save_hf` (kept for the name OLMoE users know)."""
+    return save_hf(model, path, max_shard_size, **kw)
+
+
+__all__ = ["load_hf", "save_hf", "load_olmoe", "save_olmoe", "moe_config_from_hf_json", "checkpoint_index",
+           "expected_hf_shapes", "parse_size", "hf_config_dict"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from moegrok.config_values import check_fields
 from moegrok.errors import MoegrokError
 
 MOE_IMPLS = ("auto", "dense", "ragged", "ragged_dot", "blocked", "tokamax")
@@ -12,16 +13,20 @@ DTYPES = ("float32", "bfloat16")
 POSITION_EMBEDDINGS = ("rope", "learned")
 
 
+ROUTERS = ("softmax", "sigmoid")
+
+
 @dataclasses.dataclass(frozen=True)
 class MoeConfig:
-    """OLMoE-architecture decoder (METHOD §8). Field names follow `OlmoeConfig` where one exists.
+    """A pre-norm MoE decoder (METHOD §8). Field names follow Hugging Face's configs where one exists.
 
-    Defaults are a small CPU model; `olmoe_1b_7b()` gives the real shapes.
+    The defaults are OLMoE's architecture at a small CPU size (`olmoe_1b_7b()` gives the real shapes); the switches
+    below the OLMoE fields are what the other families (`moegrok/families/`) need, each off by default.
     """
 
     vocab_size: int = 128
     hidden_size: int = 64
-    intermediate_size: int = 64  # per expert
+    intermediate_size: int = 64  # per routed expert
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
     num_key_value_heads: int | None = None  # None: = num_attention_heads
@@ -55,47 +60,113 @@ class MoeConfig:
     # Recompute each decoder layer's activations in the backward pass instead of storing them (less memory for
     # deep many-expert models, ~1/3 more compute).
     remat: bool = False
+    # -- Family switches (moegrok/families/): what Mixtral, Qwen-MoE and GLM-4.5-style models differ in. --
+    family: str = "olmoe"  # the Hugging Face model_type this model converts to and from
+    attention_head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    qkv_bias: bool = False
+    qk_norm_per_head: bool = False  # with qk_norm: RMSNorm over each head (Qwen3, GLM) instead of the projection
+    partial_rotary_factor: float = 1.0  # RoPE on the first fraction of each head's dims (GLM-4.5: 0.5)
+    sliding_window: int | None = None  # keys further back than this are masked (Mixtral's option)
+    router: str = "softmax"  # "softmax" (top-k of the softmax) | "sigmoid" (+ selection bias, DeepSeek-V3 style)
+    n_group: int = 1  # sigmoid router: experts in n_group groups, only the best topk_group groups are eligible
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0  # multiplies the routed experts' mixing weights
+    shared_expert_intermediate_size: int = 0  # 0: no shared expert; else one SwiGLU on every token
+    shared_expert_gate: bool = False  # Qwen2-MoE: the shared expert's output scaled by sigmoid(x . w)
+    dense_layers: tuple[int, ...] = ()  # layers with a dense SwiGLU MLP instead of experts (no router)
+    dense_intermediate_size: int | None = None  # their width (None: intermediate_size)
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        if isinstance(self.dense_layers, (list, tuple)):  # YAML and JSON give lists; the config stays hashable
+            object.__setattr__(self, "dense_layers", tuple(sorted(set(self.dense_layers))))
         self.validate()
 
     # -- derived --
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.attention_head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each head that RoPE rotates (Hugging Face: int(head_dim * partial_rotary_factor))."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def moe_layer_ids(self) -> tuple[int, ...]:
+        """The layers with a router, in order: what `router_logits`, probe records and `num_layers` count."""
+        return tuple(i for i in range(self.num_hidden_layers) if i not in self.dense_layers)
+
+    @property
+    def num_moe_layers(self) -> int:
+        return len(self.moe_layer_ids)
 
     def validate(self) -> None:
+        check_fields(self, "model")
+
         def bad(field, msg):
             raise MoegrokError(f"model config: field '{field}' {msg}")
 
         for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                  "num_key_value_heads", "num_experts", "num_experts_per_tok", "max_position_embeddings"):
+                  "num_key_value_heads", "num_experts", "num_experts_per_tok", "max_position_embeddings",
+                  "n_group", "topk_group"):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 bad(f, f"must be a positive integer, got {v!r}")
-        if self.hidden_size % self.num_attention_heads:
+        for f in ("attention_head_dim", "dense_intermediate_size", "sliding_window"):
+            v = getattr(self, f)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                bad(f, f"must be null or a positive integer, got {v!r}")
+        v = self.shared_expert_intermediate_size
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            bad("shared_expert_intermediate_size", f"must be 0 (none) or a positive integer, got {v!r}")
+        if self.attention_head_dim is None and self.hidden_size % self.num_attention_heads:
             bad("hidden_size", f"({self.hidden_size}) must be divisible by num_attention_heads "
                                f"({self.num_attention_heads})")
         if self.position_embedding not in POSITION_EMBEDDINGS:
             bad("position_embedding", f"must be one of {POSITION_EMBEDDINGS}, got {self.position_embedding!r}")
-        if not isinstance(self.qk_norm, bool):
-            bad("qk_norm", f"must be true or false, got {self.qk_norm!r}")
-        if self.position_embedding == "rope" and self.head_dim % 2:
-            bad("hidden_size", f"/ num_attention_heads = head_dim {self.head_dim} must be even for RoPE")
+        for f in ("qk_norm", "remat", "qkv_bias", "qk_norm_per_head", "shared_expert_gate", "norm_topk_prob",
+                  "tie_word_embeddings"):
+            if not isinstance(getattr(self, f), bool):
+                bad(f, f"must be true or false, got {getattr(self, f)!r}")
+        if not 0 < self.partial_rotary_factor <= 1:
+            bad("partial_rotary_factor", f"must be in (0, 1], got {self.partial_rotary_factor!r}")
+        if self.position_embedding == "rope" and self.rotary_dim % 2:
+            bad("partial_rotary_factor", f"x head_dim {self.head_dim} = {self.rotary_dim} rotary dims; RoPE needs "
+                                         "an even number")
         if self.num_attention_heads % self.num_key_value_heads:
             bad("num_key_value_heads", f"({self.num_key_value_heads}) must divide num_attention_heads "
                                        f"({self.num_attention_heads})")
         if not 1 <= self.num_experts_per_tok <= self.num_experts:
             bad("num_experts_per_tok", f"must be in [1, num_experts={self.num_experts}], got "
                                        f"{self.num_experts_per_tok}")
+        if self.router not in ROUTERS:
+            bad("router", f"must be one of {ROUTERS}, got {self.router!r}")
+        if self.num_experts % self.n_group:
+            bad("n_group", f"({self.n_group}) must divide num_experts ({self.num_experts})")
+        if not self.topk_group <= self.n_group:
+            bad("topk_group", f"({self.topk_group}) must be <= n_group ({self.n_group})")
+        if self.n_group > 1 and self.router != "sigmoid":
+            bad("n_group", "group-limited routing is implemented for router: sigmoid only")
+        if self.n_group > 1 and self.num_experts // self.n_group < 2:
+            bad("n_group", f"groups need >= 2 experts each (a group's score is its best two), got "
+                           f"{self.num_experts // self.n_group}")
+        if self.num_experts_per_tok > self.topk_group * (self.num_experts // self.n_group):
+            bad("num_experts_per_tok", f"({self.num_experts_per_tok}) exceeds the experts of the topk_group "
+                                       f"eligible groups ({self.topk_group * (self.num_experts // self.n_group)})")
+        if self.shared_expert_gate and not self.shared_expert_intermediate_size:
+            bad("shared_expert_gate", "needs a shared expert (shared_expert_intermediate_size > 0)")
+        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.num_hidden_layers
+                   for i in self.dense_layers):
+            bad("dense_layers", f"must list layer indices in [0, {self.num_hidden_layers}), got "
+                                f"{list(self.dense_layers)!r}")
+        if not self.moe_layer_ids:
+            bad("dense_layers", "leaves no MoE layer; moegrok studies routing and needs at least one")
         if self.moe_impl not in MOE_IMPLS:
             bad("moe_impl", f"must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
             bad("attention_impl", f"must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
-        if not isinstance(self.remat, bool):
-            bad("remat", f"must be true or false, got {self.remat!r}")
         for f in ("dtype", "param_dtype"):
             if getattr(self, f) not in DTYPES:
                 bad(f, f"must be one of {DTYPES}, got {getattr(self, f)!r}")
@@ -108,7 +179,9 @@ class MoeConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["dense_layers"] = list(self.dense_layers)  # YAML writes plain lists
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "MoeConfig":
@@ -117,70 +190,6 @@ class MoeConfig:
         if unknown:
             raise MoegrokError(f"model config: unknown field(s) {unknown}; allowed: {sorted(names)}")
         return cls(**d)
-
-    # -- Hugging Face --
-    @classmethod
-    def from_hf_config(cls, hf: Any, **overrides: Any) -> "MoeConfig":
-        """From a `transformers.OlmoeConfig` (or its dict). Raises MoegrokError for another model_type."""
-        if isinstance(hf, Mapping):
-            from transformers import OlmoeConfig as HFOlmoeConfig
-
-            if hf.get("model_type", "olmoe") != "olmoe":
-                raise MoegrokError(f"config.json: model_type is {hf.get('model_type')!r}, expected 'olmoe'")
-            hf = HFOlmoeConfig(**{k: v for k, v in hf.items() if k != "model_type"})
-        if getattr(hf, "model_type", None) != "olmoe":
-            raise MoegrokError(f"config: model_type is {getattr(hf, 'model_type', None)!r}, expected 'olmoe'")
-        rope = getattr(hf, "rope_parameters", None) or {}
-        theta = rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
-        if rope.get("rope_type", "default") != "default":
-            raise MoegrokError(f"config: rope_type {rope.get('rope_type')!r} is not supported (only 'default')")
-        if getattr(hf, "attention_bias", False):
-            raise MoegrokError("config: attention_bias=True is not supported (OLMoE has no biases)")
-        if getattr(hf, "hidden_act", "silu") != "silu":
-            raise MoegrokError(f"config: hidden_act {hf.hidden_act!r} is not supported (only 'silu')")
-        eos = hf.eos_token_id[0] if isinstance(hf.eos_token_id, (list, tuple)) else hf.eos_token_id
-        kw = dict(
-            vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, intermediate_size=hf.intermediate_size,
-            num_hidden_layers=hf.num_hidden_layers, num_attention_heads=hf.num_attention_heads,
-            num_key_value_heads=hf.num_key_value_heads, num_experts=hf.num_experts,
-            num_experts_per_tok=hf.num_experts_per_tok, norm_topk_prob=bool(hf.norm_topk_prob),
-            max_position_embeddings=hf.max_position_embeddings, rope_theta=float(theta),
-            rms_norm_eps=float(hf.rms_norm_eps), clip_qkv=hf.clip_qkv,
-            tie_word_embeddings=bool(hf.tie_word_embeddings), initializer_range=float(hf.initializer_range),
-            router_aux_loss_coef=float(hf.router_aux_loss_coef), pad_token_id=hf.pad_token_id,
-            bos_token_id=hf.bos_token_id, eos_token_id=eos,
-        )
-        kw.update(overrides)
-        return cls(**kw)
-
-    def olmoe_incompatibilities(self) -> list[str]:
-        """The fields set away from OLMoE's architecture (no Hugging Face OLMoE model can hold such weights)."""
-        out = []
-        if self.position_embedding != "rope":
-            out.append(f"position_embedding={self.position_embedding!r}")
-        if not self.qk_norm:
-            out.append("qk_norm=false")
-        return out
-
-    def to_hf_config(self):
-        bad = self.olmoe_incompatibilities()
-        if bad:
-            raise MoegrokError(f"model config: {', '.join(bad)} has no Hugging Face OLMoE counterpart; only "
-                               "OLMoE-architecture models convert")
-        from transformers import OlmoeConfig as HFOlmoeConfig
-
-        return HFOlmoeConfig(
-            vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
-            num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
-            num_key_value_heads=self.num_key_value_heads, num_experts=self.num_experts,
-            num_experts_per_tok=self.num_experts_per_tok, norm_topk_prob=self.norm_topk_prob,
-            max_position_embeddings=self.max_position_embeddings,
-            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
-            rms_norm_eps=self.rms_norm_eps, clip_qkv=self.clip_qkv, tie_word_embeddings=self.tie_word_embeddings,
-            initializer_range=self.initializer_range, router_aux_loss_coef=self.router_aux_loss_coef,
-            pad_token_id=self.pad_token_id, bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id,
-            hidden_act="silu", attention_bias=False,
-        )
 
 
 def olmoe_1b_7b(**overrides: Any) -> MoeConfig:

@@ -10,27 +10,33 @@ from flax import nnx
 
 from moegrok.errors import MoegrokError
 from moegrok.model.config import MoeConfig
-from moegrok.model.layers import Attention, RMSNorm, dtype_of, normal_param, rope_cos_sin, rope_tables
-from moegrok.model.moe import MoeBlock, load_balancing_loss, router_z_loss
+from moegrok.model.layers import Attention, DenseMLP, RMSNorm, dtype_of, normal_param, rope_cos_sin, rope_tables
+from moegrok.model.moe import MoeBlock, load_balancing_loss, router_z_loss, routing_distribution
 
 
 class ModelOutput(NamedTuple):
     logits: jax.Array  # [B, T, V], float32
-    router_logits: jax.Array  # [L, B, T, E], float32, pre-softmax
+    router_logits: jax.Array  # [L_moe, B, T, E], float32, pre-activation (MoE layers only)
     aux_loss: jax.Array  # Switch load balancing (HF form), scalar
     z_loss: jax.Array  # router z-loss, scalar
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: MoeConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: MoeConfig, rngs: nnx.Rngs, dense: bool = False):
         pd = dtype_of(cfg.param_dtype)
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
         self.attn = Attention(cfg, rngs)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
-        self.moe = MoeBlock(cfg, rngs)
+        self.moe = None if dense else MoeBlock(cfg, rngs)
+        self.mlp = DenseMLP(cfg.hidden_size, cfg.dense_intermediate_size or cfg.intermediate_size,
+                            cfg.initializer_range, pd, rngs) if dense else None
 
     def __call__(self, x_BxTxD, cos, sin, mask_BxT, moe_impl=None):
+        """Returns (output, router logits [B, T, E] or None for a dense layer)."""
         h = x_BxTxD + self.attn(self.input_norm(x_BxTxD), cos, sin, mask_BxT)
+        if self.moe is None:
+            B, T, D = h.shape
+            return h + self.mlp(self.post_attn_norm(h).reshape(B * T, D)).reshape(B, T, D), None
         y, router_logits_BxTxE = self.moe(self.post_attn_norm(h), impl=moe_impl)
         return h + y, router_logits_BxTxE
 
@@ -49,7 +55,8 @@ class MoeLM(nnx.Module):
         self.embed = normal_param(rngs, (cfg.vocab_size, cfg.hidden_size), cfg.initializer_range, pd)
         self.pos_embed = normal_param(rngs, (cfg.max_position_embeddings, cfg.hidden_size), cfg.initializer_range,
                                       pd) if cfg.position_embedding == "learned" else None
-        self.layers = nnx.List([DecoderLayer(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
+        self.layers = nnx.List([DecoderLayer(cfg, rngs, dense=i in cfg.dense_layers)
+                                for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
         self.lm_head = None if cfg.tie_word_embeddings else \
             normal_param(rngs, (cfg.hidden_size, cfg.vocab_size), cfg.initializer_range, pd)
@@ -70,9 +77,9 @@ class MoeLM(nnx.Module):
         elif positions_BxT is None:
             # Constants, not ops: XLA:CPU fuses cos/sin into every q/k RoPE fusion (per head, per layer) and
             # recomputes them there; as tables the routing-capture forward ran 95 -> 86 ms (default positions).
-            cos, sin = rope_tables(T, cfg.head_dim, cfg.rope_theta, dt)
+            cos, sin = rope_tables(T, cfg.rotary_dim, cfg.rope_theta, dt)
         else:
-            cos, sin = rope_cos_sin(positions_BxT, cfg.head_dim, cfg.rope_theta, dt)
+            cos, sin = rope_cos_sin(positions_BxT, cfg.rotary_dim, cfg.rope_theta, dt)
         if mask_BxT is not None:
             mask_BxT = mask_BxT.astype(bool)
         router_logits = []
@@ -81,7 +88,8 @@ class MoeLM(nnx.Module):
                 x, rl = nnx.remat(lambda lyr, x, m: lyr(x, cos, sin, m, moe_impl))(layer, x, mask_BxT)
             else:
                 x, rl = layer(x, cos, sin, mask_BxT, moe_impl)
-            router_logits.append(rl)
+            if rl is not None:
+                router_logits.append(rl)
         x = self.norm(x)
         head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
         logits = jnp.dot(x, head.astype(dt), preferred_element_type=jnp.float32)
@@ -94,8 +102,27 @@ class MoeLM(nnx.Module):
         )
 
     def router_weights(self) -> jax.Array:
-        """Router weight matrices [L, E, D] (row k = expert k's router vector), as METHOD §5 uses them."""
-        return jnp.stack([layer.moe.router[...].T for layer in self.layers]).astype(jnp.float32)
+        """Router weight matrices of the MoE layers [L, E, D] (row k = expert k's router vector), as METHOD §5
+        uses them."""
+        return jnp.stack([layer.moe.router[...].T for layer in self.layers if layer.moe is not None]
+                         ).astype(jnp.float32)
+
+    def routing(self, router_logits_LxBxTxE: jax.Array):
+        """What a probe record stores of the routing (METHOD §4): (g [L, B, T, E], the routing distribution over
+        all experts; topk_weights [L, B, T, k], g at the experts the model chose; topk_ids [L, B, T, k], those
+        experts ordered by g, descending). For softmax routers the chosen experts are g's top k; for sigmoid
+        routers the selection bias and group limit choose them, so they need not be g's top k."""
+        cfg = self.cfg
+        g = routing_distribution(router_logits_LxBxTxE, cfg.router)
+        if cfg.router != "sigmoid":
+            return (g, *jax.lax.top_k(g, cfg.num_experts_per_tok))
+        L, B, T, E = g.shape
+        chosen = []
+        for logits, layer in zip(router_logits_LxBxTxE, (lyr for lyr in self.layers if lyr.moe is not None)):
+            _, ids = layer.moe.select(logits.reshape(B * T, E))
+            chosen.append(jnp.sum(jax.nn.one_hot(ids, E, dtype=jnp.int32), axis=1).reshape(B, T, E) > 0)
+        topw, topi = jax.lax.top_k(jnp.where(jnp.stack(chosen), g, -1.0), cfg.num_experts_per_tok)
+        return g, topw, topi
 
 
 def token_nll(logits_BxTxV: jax.Array, tokens_BxT: jax.Array, mask_BxT: jax.Array | None = None):

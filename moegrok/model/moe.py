@@ -19,7 +19,7 @@ from moegrok.model.config import MoeConfig
 from moegrok.errors import MoegrokError
 from moegrok.model import platform as _platform
 from moegrok.model.grouped import expert_ranks, experts_tiled
-from moegrok.model.layers import dtype_of, normal_param
+from moegrok.model.layers import DenseMLP, dtype_of, normal_param
 
 
 def route(logits_NxE: jax.Array, k: int, norm_topk_prob: bool):
@@ -29,6 +29,40 @@ def route(logits_NxE: jax.Array, k: int, norm_topk_prob: bool):
     if norm_topk_prob:
         topw_Nxk = topw_Nxk / jnp.sum(topw_Nxk, axis=-1, keepdims=True)
     return probs_NxE, topw_Nxk, topi_Nxk
+
+
+def route_sigmoid(logits_NxE: jax.Array, bias_E: jax.Array, k: int, norm_topk_prob: bool, n_group: int,
+                  topk_group: int):
+    """DeepSeek-V3 / GLM-4.5 routing: sigmoid scores; the selection bias and the group limit decide which experts
+    are chosen (each group scores the sum of its best two biased scores; only the best `topk_group` groups are
+    eligible), while the mixing weights are the unbiased scores of the chosen ones. Returns (scores [N, E], weights
+    [N, k], ids [N, k]); ids in the order top-k gives them, weights not yet scaled by routed_scaling_factor."""
+    scores_NxE = jax.nn.sigmoid(logits_NxE.astype(jnp.float32))
+    choice_NxE = scores_NxE + bias_E.astype(jnp.float32)
+    if n_group > 1:
+        N, E = choice_NxE.shape
+        by_group = choice_NxE.reshape(N, n_group, E // n_group)
+        group_score_NxG = jnp.sum(jax.lax.top_k(by_group, 2)[0], axis=-1)
+        _, best_g = jax.lax.top_k(group_score_NxG, topk_group)
+        eligible_NxG = jnp.sum(jax.nn.one_hot(best_g, n_group, dtype=jnp.int32), axis=1) > 0
+        eligible_NxE = jnp.repeat(eligible_NxG, E // n_group, axis=1)
+        choice_NxE = jnp.where(eligible_NxE, choice_NxE, -jnp.inf)
+    _, topi_Nxk = jax.lax.top_k(choice_NxE, k)
+    topw_Nxk = jnp.take_along_axis(scores_NxE, topi_Nxk, axis=-1)
+    if norm_topk_prob:
+        topw_Nxk = topw_Nxk / (jnp.sum(topw_Nxk, axis=-1, keepdims=True) + 1e-20)
+    return scores_NxE, topw_Nxk, topi_Nxk
+
+
+def routing_distribution(logits: jax.Array, router: str) -> jax.Array:
+    """The per-token routing distribution g over all experts the probe record stores (METHOD §4): the softmax of
+    the logits for softmax routers, the sigmoid scores normalised to sum 1 for sigmoid routers (selection bias
+    excluded: it steers the choice, it is not a preference the router expresses)."""
+    logits = logits.astype(jnp.float32)
+    if router == "sigmoid":
+        s = jax.nn.sigmoid(logits)
+        return s / jnp.sum(s, axis=-1, keepdims=True)
+    return jax.nn.softmax(logits, axis=-1)
 
 
 def experts_dense(x_NxD, gate_up_ExDx2I, down_ExIxD, topw_Nxk, topi_Nxk):
@@ -147,9 +181,28 @@ class MoeBlock(nnx.Module):
         self.router = normal_param(rngs, (D, E), std, pd)  # column e = expert e's router vector
         self.gate_up = normal_param(rngs, (E, D, 2 * I), std, pd)  # gate half first, as HF's gate_up_proj
         self.down = normal_param(rngs, (E, I, D), std, pd)
+        # Sigmoid routers' selection bias (HF's e_score_correction_bias): a statistic the trainer of the original
+        # model adjusted, kept in float32 like HF.
+        self.selection_bias = nnx.Param(jnp.zeros((E,), jnp.float32)) if cfg.router == "sigmoid" else None
+        S = cfg.shared_expert_intermediate_size
+        self.shared = DenseMLP(D, S, std, pd, rngs) if S else None
+        self.shared_gate = normal_param(rngs, (D, 1), std, pd) if cfg.shared_expert_gate else None
         self.k = cfg.num_experts_per_tok
         self.norm_topk_prob = cfg.norm_topk_prob
         self.impl = cfg.moe_impl
+        self.router_kind, self.n_group, self.topk_group = cfg.router, cfg.n_group, cfg.topk_group
+        self.scaling = cfg.routed_scaling_factor
+
+    def select(self, logits_NxE: jax.Array):
+        """(mixing weights [N, k], chosen expert ids [N, k]) exactly as the family's router decides them."""
+        if self.router_kind == "sigmoid":
+            _, topw, topi = route_sigmoid(logits_NxE, self.selection_bias[...], self.k, self.norm_topk_prob,
+                                          self.n_group, self.topk_group)
+        else:
+            _, topw, topi = route(logits_NxE, self.k, self.norm_topk_prob)
+        if self.scaling != 1.0:
+            topw = topw * self.scaling
+        return topw, topi
 
     def __call__(self, x_BxTxD: jax.Array, impl: str | None = None):
         """Returns (output [B, T, D], router logits [B, T, E] in float32)."""
@@ -160,9 +213,14 @@ class MoeBlock(nnx.Module):
         # matmuls, which can flip top-k choices against Hugging Face): routing statistics are the point here.
         logits_NxE = jnp.dot(x_NxD, self.router[...].astype(dt), preferred_element_type=jnp.float32,
                              precision=jax.lax.Precision.HIGHEST)
-        _, topw, topi = route(logits_NxE, self.k, self.norm_topk_prob)
+        topw, topi = self.select(logits_NxE)
         fn = EXPERT_IMPLS[expert_impl_for(impl or self.impl)]
         y = fn(x_NxD, self.gate_up[...].astype(dt), self.down[...].astype(dt), topw.astype(dt), topi)
+        if self.shared is not None:  # not routed: every token, outside the routing statistics
+            s = self.shared(x_NxD)
+            if self.shared_gate is not None:
+                s = jax.nn.sigmoid(x_NxD @ self.shared_gate[...].astype(dt)) * s
+            y = y + s
         return y.reshape(B, T, D), logits_NxE.reshape(B, T, -1)
 
 
