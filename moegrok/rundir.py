@@ -264,11 +264,13 @@ class RunDir:
         """The resolved config the run started with ({} for producers without one, e.g. `moegrok olmoe`)."""
         import yaml
 
+        from moegrok.config_values import load_yaml
+
         p = self.path / "config.yaml"
         if not p.exists():
             return {}
         try:
-            raw = yaml.safe_load(p.read_text())
+            raw = load_yaml(p.read_text())
         except (OSError, yaml.YAMLError) as e:
             raise RunDirError(f"{p}: unreadable ({e})") from None
         if not isinstance(raw, dict):

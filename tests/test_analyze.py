@@ -304,7 +304,7 @@ def test_analyze_and_run_refuse_the_same_values(tmp_path, capsys, key, value):
 def test_analysis_section_of_the_wrong_type_is_named(tmp_path, capsys):
     cfg = ROOT / "configs" / "tiny.yaml"
     assert main(["run", str(cfg), "--run-dir", str(tmp_path / "study"), "analysis.delta=abc"]) == 1
-    assert "analysis.delta must be a number, got 'abc'" in capsys.readouterr().err
+    assert "analysis.delta: expected a number, got 'abc'" in capsys.readouterr().err
 
 
 def test_lag_figure_draws_the_most_similar_positive_lags():

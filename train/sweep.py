@@ -70,6 +70,22 @@ def plan(args) -> list[tuple[str, list[str]]]:
     return runs
 
 
+def check_configs(config: str, runs: list[tuple[str, list[str]]]) -> str | None:
+    """The first run whose config `moegrok train` would refuse, as one line; None if every run's parses. Checked
+    before anything starts, so a bad value in the last combination does not surface hours into the sweep."""
+    from moegrok.errors import MoegrokError
+    from moegrok.training.config import load_config_file
+    from moegrok.training.train import RunConfig
+
+    for name, args in runs:
+        overrides = args[:args.index("--fork")] if "--fork" in args else args
+        try:
+            RunConfig.from_dict(load_config_file(config, overrides))
+        except MoegrokError as e:
+            return f"run {name!r}: {e}"
+    return None
+
+
 def finished(run_dir: Path) -> bool:
     meta = run_dir / "meta.json"
     return meta.exists() and bool(json.loads(meta.read_text()).get("finished"))
@@ -94,14 +110,18 @@ def main(argv=None) -> int:
         p.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides += extra  # key=value overrides may also come after the options
     out = Path(args.out)
-    for name, ov in plan(args):
+    runs = [(name, [f"train.mesh_data={args.mesh_data}", *args.overrides, *ov]) for name, ov in plan(args)]
+    error = check_configs(args.config, runs)
+    if error:
+        print(f"sweep: error: {error}", file=sys.stderr)
+        return 1
+    for name, ov in runs:
         run_dir = out / name
         if finished(run_dir):
             print(f"[skip] {name}: finished", flush=True)
         else:
             cmd = [sys.executable, "-m", "moegrok.cli", "train", args.config, "--run-dir", str(run_dir),
-                   "--no-progress",
-                   f"train.mesh_data={args.mesh_data}", *args.overrides, *ov]
+                   "--no-progress", *ov]
             print(f"[run] {name}: {' '.join(cmd)}", flush=True)
             if not args.dry_run and subprocess.call(cmd) != 0:
                 print(f"[fail] {name}: moegrok train exited non-zero; re-run this command to resume", flush=True)

@@ -148,8 +148,7 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--skip", nargs="*", default=[], choices=["experts", "train", "capture"])
     args = p.parse_args(argv)
-    import yaml
-
+    from moegrok.config_values import load_yaml
     from moegrok.model.config import MoeConfig, olmoe_1b_7b
 
     dry = args.dry_run
@@ -163,7 +162,7 @@ def main(argv=None) -> int:
         shape = (256, 32, 8, 2, 16) if dry else (16384, 2048, 64, 8, 1024)
         result["experts"] = expert_paths(*shape, jnp.bfloat16, reps)
     if "train" not in args.skip:
-        gpu_model = yaml.safe_load((ROOT / "configs" / "gpu.yaml").read_text())["model"]
+        gpu_model = load_yaml((ROOT / "configs" / "gpu.yaml").read_text())["model"]
         gpu_model.update(dtype=bf16)
         if dry:
             gpu_model.update(num_hidden_layers=2, num_experts=8, hidden_size=32, intermediate_size=16,

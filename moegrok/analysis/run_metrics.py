@@ -27,6 +27,7 @@ from moegrok.analysis import pathways as pw
 from moegrok.analysis.consistency import consistency_caveat, consistency_undefined_reason, pathway_consistency
 from moegrok.analysis.generalization import LagPair, embed_texts, generalized_since, pair_groups
 from moegrok.analysis.memorization import EpsilonChoice, MemorizationConfig, memorized_since, select_epsilon
+from moegrok.config_values import check_fields
 from moegrok.errors import MoegrokError
 from moegrok.rundir import RunDir
 
@@ -61,10 +62,7 @@ class AnalysisConfig:
         def bad(field, msg):
             raise MoegrokError(f"analysis.{field} {msg}")
 
-        for f in ("tau", "delta", "epsilon"):
-            v = getattr(self, f)
-            if (v is not None or f != "epsilon") and (isinstance(v, bool) or not isinstance(v, (int, float))):
-                bad(f, f"must be a number, got {v!r}")
+        check_fields(self, "analysis")
         if self.memorization_loss not in ("sample", "answer"):
             bad("memorization_loss", f"must be 'sample' or 'answer', got {self.memorization_loss!r}")
         if not 0.0 < self.tau <= 1.0:
@@ -73,7 +71,7 @@ class AnalysisConfig:
             bad("delta", f"must be >= 0, got {self.delta!r}")
         if self.epsilon is not None and not self.epsilon > 0:
             bad("epsilon", f"must be null or > 0, got {self.epsilon!r}")
-        if not isinstance(self.max_pair_samples, int) or self.max_pair_samples < 2:
+        if self.max_pair_samples < 2:
             bad("max_pair_samples", f"must be an integer >= 2, got {self.max_pair_samples!r}")
         if self.embedding not in ("auto", "minilm", "tfidf"):
             bad("embedding", f"must be 'auto', 'minilm' or 'tfidf', got {self.embedding!r}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from moegrok.config_values import check_fields
 from moegrok.errors import MoegrokError
 
 SYNTHETIC_KINDS = ("math", "knowledge", "code", "retrieval")
@@ -98,6 +99,7 @@ class DomainConfig:
         if not isinstance(self.name, str) or not self.name or not self.name.replace("_", "").replace("-", "").isalnum():
             raise MoegrokError(f"data config: domain name {self.name!r} must be a non-empty string of letters, "
                                "digits, '_' or '-'")
+        check_fields(self, f"data.domains.{self.name}")
         kind, twin = self.kind, self.twin
         if kind is None:
             if self.name in KINDS:
@@ -133,7 +135,7 @@ class DomainConfig:
                 raise MoegrokError(f"{where}: field 'train_path' is required for kind 'text' (a .jsonl or .txt file)")
             return
         h = self.heldout_frac
-        if isinstance(h, bool) or not isinstance(h, (int, float)) or not 0.0 < h < 1.0:
+        if not 0.0 < h < 1.0:
             raise MoegrokError(f"{where}: field 'heldout_frac' must be a number in (0, 1), got {h!r}")
         if kind == "math" and self.operation not in MATH_OPERATIONS:
             raise MoegrokError(f"{where}: field 'operation' must be one of {list(MATH_OPERATIONS)}, "
@@ -145,8 +147,8 @@ class DomainConfig:
                 _check_int(where, knob, getattr(self, knob), lo)
 
 
-def _check_int(where: str, field: str, v: Any, lo: int) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+def _check_int(where: str, field: str, v: int, lo: int) -> None:
+    if v < lo:
         raise MoegrokError(f"{where}: field '{field}' must be an integer >= {lo}, got {v!r}")
 
 
@@ -186,6 +188,7 @@ class DataConfig:
     tokenizer: str | None = None
 
     def __post_init__(self):
+        check_fields(self, "data")
         doms = tuple(self.domains)
         object.__setattr__(self, "domains", doms)
         if not doms:

@@ -27,6 +27,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from moegrok.analysis import pathways
+from moegrok.config_values import check_fields
 from moegrok.rundir import ProbeRecord, RunDir
 from moegrok.theory._blas import single_threaded_blas
 from moegrok.theory.kernel import TheoryError, effective_dimension, feature_effective_dimension
@@ -51,12 +52,7 @@ class RunTheoryConfig:
         def bad(field, msg):
             raise TheoryError(f"theory.{field} (--{field.replace('_', '-')}) {msg}")
 
-        for f in ("lam_rel", "tau") + (("lam",) if self.lam is not None else ()):
-            v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                bad(f, f"must be a number, got {v!r}")
-        if isinstance(self.layer, bool) or not isinstance(self.layer, int):
-            bad("layer", f"must be an integer (negative: from the end), got {self.layer!r}")
+        check_fields(self, "theory", TheoryError)
         if self.lam is not None and not self.lam >= 0:
             bad("lam", f"must be >= 0, got {self.lam}")
         if not self.lam_rel >= 0:

@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from moegrok.config_values import check_fields, load_yaml
 from moegrok.errors import MoegrokError
 
 SCHEDULES = ("constant", "cosine", "linear")
@@ -68,23 +69,22 @@ class TrainConfig:
         def bad(field, msg):
             raise MoegrokError(f"train config: field '{field}' {msg}")
 
+        check_fields(self, "train")
         if self.schedule not in SCHEDULES:
             bad("schedule", f"must be one of {SCHEDULES}, got {self.schedule!r}")
-        for f in ("learning_rate",):
-            if not getattr(self, f) > 0:
-                bad(f, f"must be > 0, got {getattr(self, f)!r}")
+        if not self.learning_rate > 0:
+            bad("learning_rate", f"must be > 0, got {self.learning_rate!r}")
         for f in ("weight_decay", "clip_norm", "min_lr_ratio"):
             if not getattr(self, f) >= 0:
                 bad(f, f"must be >= 0, got {getattr(self, f)!r}")
         for f in ("num_checkpoints", "log_every", "eval_batch_size", "mesh_data", "mesh_expert"):
-            v = getattr(self, f)
-            if not isinstance(v, int) or v < 1:
-                bad(f, f"must be a positive integer, got {v!r}")
+            if getattr(self, f) < 1:
+                bad(f, f"must be a positive integer, got {getattr(self, f)!r}")
         for f in ("checkpoint_every", "max_steps"):
             v = getattr(self, f)
-            if v is not None and (not isinstance(v, int) or v < 1):
+            if v is not None and v < 1:
                 bad(f, f"must be null or a positive integer, got {v!r}")
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+        if self.warmup_steps < 0:
             bad("warmup_steps", f"must be an integer >= 0, got {self.warmup_steps!r}")
 
 
@@ -101,7 +101,7 @@ def dataclass_from_dict(cls, d: Mapping[str, Any] | None, section: str):
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """`train.learning_rate=3e-4` sets raw['train']['learning_rate'] (the value is parsed as YAML)."""
+    """`train.learning_rate=3e-4` sets raw['train']['learning_rate'] (the value is read as in a config file)."""
     out = copy.deepcopy(raw)
     for ov in overrides:
         if "=" not in ov:
@@ -113,7 +113,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise MoegrokError(f"override {ov!r}: '{p}' is not a section")
-        node[parts[-1]] = yaml.safe_load(val)
+        try:
+            node[parts[-1]] = load_yaml(val)
+        except yaml.YAMLError:
+            raise MoegrokError(f"override {ov!r}: the value is not valid YAML") from None
     return out
 
 
@@ -122,7 +125,7 @@ def load_config_file(path: str | Path, overrides: list[str] = ()) -> dict:
     if not path.exists():
         raise MoegrokError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise MoegrokError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(raw, dict):

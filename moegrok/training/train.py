@@ -24,13 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-import yaml
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moegrok import distributed, rundir
 from moegrok.analysis import indicators
 from moegrok.analysis.indicators import param_norms
+from moegrok.config_values import dump_yaml, load_yaml
 from moegrok.errors import MoegrokError
 from moegrok.model.config import MoeConfig
 from moegrok.model.model import MoeLM, get_params, lm_loss_stats, set_params
@@ -213,7 +213,7 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig, corpus, extra_meta: dict | No
     cfg_path = run_dir / "config.yaml"
     resolved = cfg.to_dict()
     if cfg_path.exists():
-        diffs = config_diffs(yaml.safe_load(cfg_path.read_text()) or {}, cfg, cfg_path)
+        diffs = config_diffs(load_yaml(cfg_path.read_text()) or {}, cfg, cfg_path)
         if diffs:
             raise MoegrokError(
                 f"{run_dir} holds a run with a different config ({'; '.join(diffs[:6])}); "
@@ -232,7 +232,7 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig, corpus, extra_meta: dict | No
                       d_model=cfg.model.hidden_size, domains=list(corpus.domains),
                       total_steps=int(corpus_steps(corpus, cfg.train)), finished=False,
                       data_fingerprint=corpus.fingerprint, corpus=corpus.summary(), **(extra_meta or {}))
-    rundir.write_text(cfg_path, yaml.safe_dump(resolved, sort_keys=True))  # last: config.yaml = a complete start
+    rundir.write_text(cfg_path, dump_yaml(resolved, sort_keys=True))  # last: config.yaml = a complete start
     return False
 
 
