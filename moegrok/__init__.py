@@ -9,6 +9,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "RunDir": "moegrok.rundir",
     "MoegrokError": "moegrok.errors",
+    "load_hf": "moegrok.convert.hf",
+    "save_hf": "moegrok.convert.hf",
     "load_olmoe": "moegrok.convert.hf",
     "save_olmoe": "moegrok.convert.hf",
     "OlmoeConfig": "moegrok.model.config",

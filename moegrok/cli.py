@@ -16,7 +16,7 @@ COMMAND_MODULES = [
     "moegrok.analysis.benchmark",
     "moegrok.theory.cli",
     "moegrok.study",
-    "moegrok.olmoe_pipeline",
+    "moegrok.trajectory",
     "moegrok.plan",
 ]
 

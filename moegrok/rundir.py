@@ -46,9 +46,9 @@ PROBE_FIELDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "sample_ids": ("i", ("N",)),
     "domains": ("U", ("N",)),
     "sample_loss": ("f", ("N",)),  # mean next-token NLL over the sample's tokens
-    "route_probs": ("f", ("N", "L", "E")),  # full router softmax, mean over non-padding tokens
+    "route_probs": ("f", ("N", "L", "E")),  # routing distribution g (METHOD §4), mean over real tokens
     "router_weights": ("f", ("L", "E", "d")),  # row k = expert k's router vector
-    "topk_ids": ("i", ("N", "T", "L", "k")),  # per token, ordered by weight (descending)
+    "topk_ids": ("i", ("N", "T", "L", "k")),  # the experts the model chose, ordered by g (descending)
     "topk_weights": ("f", ("N", "T", "L", "k")),
     "token_mask": ("b", ("N", "T")),  # True on real (non-padding) tokens
     "tokens": ("i", ("N", "T")),
@@ -189,7 +189,7 @@ def write_record(run_dir: str | os.PathLike, step: int, probe: Mapping[str, Any]
 
 @dataclasses.dataclass
 class RunMeta:
-    """meta.json, the same fields for every producer (``train``, ``olmoe``). `write_meta` refuses any other field,
+    """meta.json, the same fields for every producer (``train``, ``trajectory``). `write_meta` refuses any other field,
     so producers cannot drift apart."""
 
     producer: str | None = None
@@ -203,7 +203,10 @@ class RunMeta:
     data_fingerprint: str | None = None  # train: the corpus, so a resume refuses changed data
     corpus: dict | None = None  # train: the corpus summary (documents per domain, ...)
     parent: dict | None = None  # a fork: {"run_dir", "step"}
-    checkpoints: list | None = None  # olmoe: [{"path", "step"}]
+    checkpoints: list | None = None  # trajectory: [{"path", "step"}]
+    model_type: str | None = None  # the model's family (Hugging Face model_type; "olmoe" for moegrok's own)
+    router: str | None = None  # "softmax" or "sigmoid": how route_probs was normalised (METHOD §4)
+    backend: str | None = None  # trajectory: "jax" or "torch", the forward that captured the routing
     format: str = FORMAT
 
 

@@ -227,9 +227,10 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig, corpus, extra_meta: dict | No
         return False
     rundir.write_jsonl(run_dir / "probes.jsonl", corpus.probe_records())
     rundir.write_jsonl(run_dir / "tests.jsonl", corpus.test_records())
-    rundir.write_meta(run_dir, producer="train", num_layers=cfg.model.num_hidden_layers,
+    rundir.write_meta(run_dir, producer="train", num_layers=cfg.model.num_moe_layers,
                       num_experts=cfg.model.num_experts, top_k=cfg.model.num_experts_per_tok,
-                      d_model=cfg.model.hidden_size, domains=list(corpus.domains),
+                      d_model=cfg.model.hidden_size, domains=list(corpus.domains), model_type=cfg.model.family,
+                      router=cfg.model.router,
                       total_steps=int(corpus_steps(corpus, cfg.train)), finished=False,
                       data_fingerprint=corpus.fingerprint, corpus=corpus.summary(), **(extra_meta or {}))
     rundir.write_text(cfg_path, dump_yaml(resolved, sort_keys=True))  # last: config.yaml = a complete start

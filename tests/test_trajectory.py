@@ -14,7 +14,7 @@ import pytest
 from moegrok import RunDir
 from moegrok.cli import main
 from moegrok.errors import MoegrokError
-from moegrok.olmoe_pipeline import order_checkpoints, run
+from moegrok.trajectory import order_checkpoints, run
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -207,8 +207,8 @@ def test_resume_skips_done_checkpoints(trajectory, tmp_path, monkeypatch):
     loaded = []
     import moegrok.convert.hf as hf
 
-    real = hf.load_olmoe
-    monkeypatch.setattr(hf, "load_olmoe", lambda p, **k: loaded.append(Path(p).name) or real(p, **k))
+    real = hf.load_hf
+    monkeypatch.setattr(hf, "load_hf", lambda p, **k: loaded.append(Path(p).name) or real(p, **k))
     run(dirs, texts, out, progress=False)
     assert sorted(loaded) == ["step200-tokens2B", "step300-tokens3B"]
     assert (out / "records" / "step_000000100" / "probe.npz").stat().st_mtime_ns == first
@@ -254,3 +254,125 @@ def test_step_order_from_names(tmp_path):
     assert [x.step for x in order_checkpoints([a, b])] == [3, 20]
     assert [x.path for x in order_checkpoints([a, c])] == [a, c]  # not all named: the order given
     assert [x.step for x in order_checkpoints([a, c])] == [1, 2]
+    trainer = [tmp_path / n for n in ("checkpoint-1500", "checkpoint-500", "stage1-step900-tokens4B")]
+    for p in trainer:
+        p.mkdir()
+    assert [x.step for x in order_checkpoints(trainer)] == [500, 900, 1500]
+    assert [x.step for x in order_checkpoints([tmp_path / "checkpoint-1500", c])] == [1, 2]
+
+
+# One non-default configuration per JAX family (GQA, renormalisation, shared experts, dense layers, decoder_sparse_step
+# 2, qkv bias, group-limited sigmoid routing with a correction bias): both backends must write the same records.
+FAMILY_CASES = {
+    "olmoe": ("OlmoeConfig", dict(intermediate_size=16, num_experts=6, num_experts_per_tok=2, norm_topk_prob=True)),
+    "mixtral": ("MixtralConfig", dict(intermediate_size=16, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(intermediate_size=24, moe_intermediate_size=16, num_experts=6,
+                                         num_experts_per_tok=2, shared_expert_intermediate_size=8,
+                                         decoder_sparse_step=2)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(intermediate_size=24, moe_intermediate_size=16, num_experts=6,
+                                         num_experts_per_tok=2, mlp_only_layers=[0], head_dim=16)),
+    "glm4_moe": ("Glm4MoeConfig", dict(intermediate_size=24, moe_intermediate_size=16, n_routed_experts=8,
+                                       num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,
+                                       n_shared_experts=1, attention_bias=True, routed_scaling_factor=2.0)),
+}
+
+
+def family_trajectory(root: Path, case: str) -> list[Path]:
+    """Three checkpoints named as transformers' Trainer names them."""
+    cls, kw = FAMILY_CASES[case]
+    tok = make_tokenizer()
+    dirs = []
+    for i, step in enumerate((40, 20, 60)):
+        torch.manual_seed(100 + i)
+        cfg = getattr(transformers, cls)(vocab_size=len(tok), hidden_size=32, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
+                                         eos_token_id=None, bos_token_id=None, max_position_embeddings=64, **kw)
+        model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+        with torch.no_grad():  # sharp, non-uniform routing: ties between backends would be coincidences
+            for name, p in model.named_parameters():
+                p.normal_(0, 0.5 if name.endswith("gate.weight") else 0.15)
+            for name, b in model.named_buffers():
+                if name.endswith("e_score_correction_bias"):
+                    b.normal_(0, 0.3)
+        d = root / f"checkpoint-{step}"
+        model.save_pretrained(d)
+        tok.save_pretrained(d)
+        dirs.append(d)
+    return dirs
+
+
+@pytest.mark.parametrize("case", sorted(FAMILY_CASES))
+def test_jax_and_torch_backends_write_the_same_records(case, trajectory, tmp_path):
+    _, _, texts, tests = trajectory
+    dirs = family_trajectory(tmp_path, case)
+    runs = {}
+    for backend in ("jax", "torch"):
+        runs[backend] = tmp_path / f"run_{backend}"
+        assert main(["trajectory", "--checkpoints", *map(str, dirs), "--texts", str(texts), "--tests", str(tests),
+                     "--run-dir", str(runs[backend]), "--backend", backend, "--batch-size", "3",
+                     "--no-progress"]) == 0
+    a, b = RunDir(runs["jax"]), RunDir(runs["torch"])
+    assert a.steps == b.steps == [20, 40, 60]
+    for key in ("num_layers", "num_experts", "top_k", "d_model", "router", "model_type"):
+        assert getattr(a.run_meta, key) == getattr(b.run_meta, key), key
+    assert (a.run_meta.backend, b.run_meta.backend) == ("jax", "torch")
+    assert a.run_meta.model_type == case
+    for step in a.steps:
+        pa, pb = a.probe(step), b.probe(step)
+        np.testing.assert_allclose(pa.route_probs, pb.route_probs, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(pa.sample_loss, pb.sample_loss, atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(pa.token_mask, pb.token_mask)
+        np.testing.assert_array_equal(pa.topk_ids, pb.topk_ids)
+        np.testing.assert_allclose(pa.topk_weights, pb.topk_weights, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(pa.router_weights, pb.router_weights, atol=1e-7, rtol=0)
+        assert a.eval(step).accuracy == b.eval(step).accuracy
+    if case == "glm4_moe":  # the analysis reads either run directory
+        for run_dir in runs.values():
+            assert main(["analyze", str(run_dir), "--no-progress", "--no-figures"]) == 0
+
+
+def test_bad_checkpoints_are_refused_in_one_line(trajectory, tmp_path, capsys):
+    """An unknown model_type (either backend), weights that disagree with config.json (either backend), and a
+    checkpoint without a tokenizer: exit 1 with one line naming the file and the key."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    _, dirs, texts, _ = trajectory
+
+    def attempt(ck, *extra):
+        capsys.readouterr()
+        rc = main(["trajectory", "--checkpoints", str(ck), "--texts", str(texts), "--run-dir",
+                   str(tmp_path / f"run{len(list(tmp_path.iterdir()))}"), "--no-progress", *extra])
+        err = capsys.readouterr().err.strip()
+        assert rc == 1 and len(err.splitlines()) == 1, err
+        return err
+
+    unknown = tmp_path / "step1-unknown"
+    shutil.copytree(dirs[0], unknown)
+    cfg = json.loads((unknown / "config.json").read_text())
+    (unknown / "config.json").write_text(json.dumps({**cfg, "model_type": "no_such_moe"}))
+    for backend in ("auto", "torch", "jax"):
+        err = attempt(unknown, "--backend", backend)
+        assert "config.json" in err and "'no_such_moe'" in err, err
+
+    for backend in ("jax", "torch"):
+        for name, edit in (("missing", lambda w: w.pop("model.layers.1.mlp.gate.weight")),
+                           ("misshaped", lambda w: w.update({"model.norm.weight": np.ones(3, np.float32)})),
+                           ("extra", lambda w: w.update({"model.layers.0.mlp.surprise.weight": np.ones(2, np.float32)}))):
+            bad = tmp_path / f"step2-{backend}-{name}"
+            shutil.copytree(dirs[0], bad)
+            weights = load_file(bad / "model.safetensors")
+            edit(weights)
+            save_file(weights, bad / "model.safetensors", metadata={"format": "pt"})
+            err = attempt(bad, "--backend", backend)
+            key = {"missing": "model.layers.1.mlp.gate.weight", "misshaped": "model.norm.weight",
+                   "extra": "model.layers.0.mlp.surprise.weight"}[name]
+            assert str(bad) in err and key in err, (backend, name, err)
+
+    no_tok = tmp_path / "step3-notok"
+    shutil.copytree(dirs[0], no_tok)
+    for f in no_tok.glob("tokenizer*"):
+        f.unlink()
+    err = attempt(no_tok, "--backend", "jax")
+    assert str(no_tok) in err and "--tokenizer" in err, err
