@@ -88,6 +88,20 @@ def _read_logits_only(router, out, k: int):
     return out, None
 
 
+def _read_custom(router, out, k: int):
+    """A router module of the user's own model: its output is the logits ([..., E]), or a tuple whose first item
+    is the logits and whose third, if any, is the chosen experts (the layout transformers' routers use). Without a
+    choice in the output the model is taken to use the top k of its logits (= the top k of g)."""
+    import torch
+
+    logits = out[0] if isinstance(out, (tuple, list)) else out
+    logits = logits.reshape(-1, logits.shape[-1])
+    ids = out[2] if isinstance(out, (tuple, list)) and len(out) > 2 and torch.is_tensor(out[2]) else None
+    if ids is None:
+        ids = torch.topk(logits, k, dim=-1).indices
+    return logits, ids.reshape(-1, k)
+
+
 def _router_weight(router):
     """The [E, d] router matrix: the router's own 2-D `weight` (nn.Linear subclasses, most TopKRouters), else that of
     its single nn.Linear child (dbrx `layer`, jetmoe `layer`, hunyuan `wg`, afmoe `gate`, longcat `classifier`,
@@ -135,7 +149,9 @@ class _Family:
 _S, _G = "softmax", "sigmoid"
 # model_type -> how to find its routers and read them, or (a string) why the family is refused. Grouped by router
 # behaviour; a family absent here is refused as unknown.
+CUSTOM = "custom"  # the routers a caller names in their own model (`custom_spec`)
 _FAMILIES: dict[str, _Family | str] = {
+    CUSTOM: _Family(router=(), kind=_S, read=_read_custom),
     "olmoe": _Family("OlmoeTopKRouter", _S),
     "flex_olmo": _Family("FlexOlmoTopKRouter", _S),
     "mixtral": _Family("MixtralTopKRouter", _S),
@@ -268,6 +284,38 @@ def router_spec(model) -> RouterSpec:
                       num_experts=int(E), top_k=int(k), d_model=int(d))
 
 
+def custom_spec(model, routers: Sequence[Any], top_k: int, kind: str = "softmax") -> RouterSpec:
+    """The routers of a model transformers did not build: `routers` are its router modules (or their names), one per
+    MoE layer in order, each returning the logits [..., E] (see `_read_custom`); `top_k` experts per token; `kind`
+    says how g is normalised (METHOD §4)."""
+    if kind not in (_S, _G):
+        raise CaptureError(f"custom routers: kind must be 'softmax' or 'sigmoid', got {kind!r}")
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        raise CaptureError(f"custom routers: top_k must be a positive integer, got {top_k!r}")
+    by_module = {id(m): n for n, m in model.named_modules()}
+    mods, names = [], []
+    for r in routers:
+        if isinstance(r, str):
+            try:
+                r = model.get_submodule(r)
+            except AttributeError:
+                raise CaptureError(f"custom routers: the model has no module {r!r}") from None
+        if id(r) not in by_module:
+            raise CaptureError(f"custom routers: {type(r).__name__} is not a module of the model")
+        mods.append(r)
+        names.append(by_module[id(r)])
+    if not mods:
+        raise CaptureError("custom routers: name at least one router module")
+    shapes = {tuple(_router_weight(r).shape) for r in mods}
+    if len(shapes) != 1:
+        raise CaptureError(f"custom routers: router weight shapes differ {sorted(shapes)}; one E and d for all")
+    (E, d), = shapes
+    if top_k > E:
+        raise CaptureError(f"custom routers: top_k {top_k} exceeds the {E} experts")
+    return RouterSpec(family=CUSTOM, kind=kind, layers=tuple(range(len(mods))), routers=tuple(mods),
+                      names=tuple(names), num_experts=int(E), top_k=top_k, d_model=int(d))
+
+
 def _parent_name(name: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name else ""
 
@@ -328,13 +376,19 @@ def _long(x, device):
     return t.to(device=device, dtype=torch.long)
 
 
-def _forward_logits(model, input_ids_BxT, attention_mask_BxT):
+def _forward_logits(model, input_ids_BxT, attention_mask_BxT, forward: Callable | None = None):
+    """The model's logits; `forward(model, input_ids, attention_mask) -> logits` for models with another call
+    signature than transformers' (a plain PyTorch MoE)."""
     dev = _device(model)
+    if forward is not None:
+        out = forward(model, _long(input_ids_BxT, dev), _long(attention_mask_BxT, dev))
+        return (out.logits if hasattr(out, "logits") else out).float()
     out = model(input_ids=_long(input_ids_BxT, dev), attention_mask=_long(attention_mask_BxT, dev), use_cache=False)
     return out.logits.float()
 
 
-def capture(model, input_ids_BxT, attention_mask_BxT, spec: RouterSpec | None = None) -> Capture:
+def capture(model, input_ids_BxT, attention_mask_BxT, spec: RouterSpec | None = None,
+            forward: Callable | None = None) -> Capture:
     """One forward of `model` with its routing recorded: float32 logits, g per MoE layer and token, and the
     experts the model used per token (see the module docstring)."""
     spec = spec or router_spec(model)
@@ -349,7 +403,7 @@ def capture(model, input_ids_BxT, attention_mask_BxT, spec: RouterSpec | None = 
                 src = model.get_submodule(f"{_parent_name(name)}.{fam.ids_from}".lstrip("."))
                 handles.append(src.register_forward_pre_hook(_ids_hook(chosen[i]), with_kwargs=True))
         with _inference(model):
-            logits_BxTxV = _forward_logits(model, input_ids_BxT, attention_mask_BxT)
+            logits_BxTxV = _forward_logits(model, input_ids_BxT, attention_mask_BxT, forward)
     finally:
         for h in handles:
             h.remove()
@@ -415,8 +469,12 @@ def _order_by_g(g_LxBxTxE, ids_LxBxTxk):
 # --- probe records ----------------------------------------------------------------------------------------------------
 
 def _vocab_size(model) -> int:
+    import torch
+
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     n = getattr(emb, "num_embeddings", None)
+    if n is None and not hasattr(model, "config"):  # a plain PyTorch model: its (first) embedding table
+        n = next((m.num_embeddings for m in model.modules() if isinstance(m, torch.nn.Embedding)), None)
     return int(n if n is not None else _text_config(model).vocab_size)
 
 
@@ -460,10 +518,10 @@ def _masked_mean(x_BxT, m_BxT):
 
 
 def _probe_batch(model, spec: RouterSpec, tokens_BxT: np.ndarray, mask_BxT: np.ndarray,
-                 answer_BxT: np.ndarray) -> dict[str, np.ndarray]:
+                 answer_BxT: np.ndarray, forward: Callable | None = None) -> dict[str, np.ndarray]:
     import torch
 
-    cap = capture(model, tokens_BxT, mask_BxT, spec)
+    cap = capture(model, tokens_BxT, mask_BxT, spec, forward)
     tok = torch.as_tensor(tokens_BxT, dtype=torch.long)
     m = torch.as_tensor(mask_BxT)
     nll = _token_nll(cap.logits_BxTxV.cpu(), tok)
@@ -504,10 +562,12 @@ def router_weights(spec: RouterSpec) -> np.ndarray:
 
 def probe_record(model, tokens_NxT: np.ndarray, mask_NxT: np.ndarray, sample_ids: Sequence[int],
                  domains: Sequence[str], batch_size: int = 16, progress=None,
-                 answer_mask_NxT: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                 answer_mask_NxT: np.ndarray | None = None, *, spec: RouterSpec | None = None,
+                 forward: Callable | None = None) -> dict[str, np.ndarray]:
     """`moegrok.probe.probe_record` for a transformers MoE causal LM: the fields of `moegrok.rundir.PROBE_FIELDS`
-    (plus ``answer_loss`` when ``answer_mask_NxT`` is given: mean NLL over the answer tokens, NaN without any)."""
-    spec = router_spec(model)
+    (plus ``answer_loss`` when ``answer_mask_NxT`` is given: mean NLL over the answer tokens, NaN without any).
+    A model transformers did not build: pass ``spec=custom_spec(...)`` and its ``forward``."""
+    spec = spec or router_spec(model)
     with_answer = answer_mask_NxT is not None
     tokens, mask, answer = _rows(model, tokens_NxT, mask_NxT, "probe_record",
                                  answer_mask=answer_mask_NxT if with_answer else np.zeros(np.shape(tokens_NxT), bool))
@@ -517,7 +577,7 @@ def probe_record(model, tokens_NxT: np.ndarray, mask_NxT: np.ndarray, sample_ids
                            "domains; one of each per row")
     parts = []
     for sl in _batches(n, batch_size):
-        parts.append(_probe_batch(model, spec, tokens[sl], mask[sl], answer[sl]))
+        parts.append(_probe_batch(model, spec, tokens[sl], mask[sl], answer[sl], forward))
         if progress is not None:
             progress.update(sl.stop - sl.start)
     rec = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]} if parts else \
@@ -534,7 +594,8 @@ def probe_record(model, tokens_NxT: np.ndarray, mask_NxT: np.ndarray, sample_ids
     return rec
 
 
-def token_logprobs(model, tokens_NxT: np.ndarray, mask_NxT: np.ndarray, batch_size: int = 16) -> np.ndarray:
+def token_logprobs(model, tokens_NxT: np.ndarray, mask_NxT: np.ndarray, batch_size: int = 16, *,
+                   forward: Callable | None = None) -> np.ndarray:
     """log p(token t+1 | tokens <= t) for every position, [N, T-1] float32 (multiple-choice scoring). Any causal LM,
     MoE or not."""
     tokens, mask = _rows(model, tokens_NxT, mask_NxT, "token_logprobs")
@@ -543,7 +604,7 @@ def token_logprobs(model, tokens_NxT: np.ndarray, mask_NxT: np.ndarray, batch_si
     out = []
     for sl in _batches(tokens.shape[0], batch_size):
         with _inference(model):
-            logits = _forward_logits(model, tokens[sl], mask[sl]).cpu()
+            logits = _forward_logits(model, tokens[sl], mask[sl], forward).cpu()
         out.append((-_token_nll(logits, torch.as_tensor(tokens[sl], dtype=torch.long))).numpy().astype(np.float32))
     return np.concatenate(out) if out else np.zeros((0, max(tokens.shape[1] - 1, 0)), np.float32)
 

@@ -2,7 +2,7 @@
 the run-directory format, so `moegrok analyze` runs unchanged. One checkpoint is resident at a time; a checkpoint
 already recorded is skipped.
 
-Two capture backends write the same record through the same writer (`rundir.write_record`): `jax` loads the
+Two capture backends write the same record through the same writer (`moegrok.writer.RunWriter`): `jax` loads the
 checkpoint into moegrok's decoder (the families of `moegrok.families`), `torch` runs transformers' own model with
 hooks on its routers (`moegrok.torch_capture`, any MoE family transformers has). `auto` takes JAX where the family is
 implemented, else torch.
@@ -28,6 +28,7 @@ from moegrok import distributed, rundir
 from moegrok.data.user import iter_lines, json_object
 from moegrok.errors import MoegrokError
 from moegrok.training.config import request_host_devices
+from moegrok.writer import RunWriter
 
 # Hub revisions (`step1000-tokens4B`, `stage1-step1000-...`) and transformers' Trainer (`checkpoint-1000`).
 STEP_RES = (re.compile(r"step(\d+)"), re.compile(r"^checkpoint-(\d+)$"))
@@ -333,62 +334,65 @@ def run(checkpoints: Sequence[str | Path], texts: str | Path, run_dir: str | Pat
                        "backend": chosen.name},
                       "trajectory's inputs (checkpoints, texts, tests, options or the records already in --run-dir)")
     if distributed.is_writer():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        rundir.write_jsonl(run_dir / "probes.jsonl", probe_rows)
-        rundir.write_jsonl(run_dir / "tests.jsonl", [
-            {"id": t["id"], "domain": t["domain"], "prompt": t["question"], "answer": t["choices"][t["answer"]]}
-            for t in test_rows])
         if (run_dir / "meta.json").exists():
             _check_same_backend(run_dir, chosen.name)
-        rundir.write_meta(run_dir, producer="trajectory", domains=sorted({r["domain"] for r in probes}),
-                          checkpoints=[{"path": str(c.path), "step": c.step} for c in cks], finished=False,
-                          total_steps=cks[-1].step, model_type=model_type, backend=chosen.name, **shapes)
+        out = RunWriter(run_dir, producer="trajectory", probes=probe_rows, tests=[
+            {"id": t["id"], "domain": t["domain"], "prompt": t["question"], "answer": t["choices"][t["answer"]]}
+            for t in test_rows], meta=dict(
+                domains=sorted({r["domain"] for r in probes}), finished=False, total_steps=cks[-1].step,
+                checkpoints=[{"path": str(c.path), "step": c.step} for c in cks], model_type=model_type,
+                backend=chosen.name, **shapes))
     distributed.barrier("trajectory: run directory ready")
-    todo = distributed.my_share([c for c in cks if c.step not in done])
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(todo), desc="checkpoints", unit="ckpt", dynamic_ncols=True)
+    if not distributed.is_writer():
+        out = RunWriter.peer(run_dir)
     try:
-        for ck in todo:
-            model = chosen.load(ck.path, dtype, progress)
-            tok = load_tokenizer(Path(tokenizer) if tokenizer else ck.path)
-            limit = max_len or chosen.context(model)
-            pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-            seqs = tokenize(tok, [r["text"] for r in probes], limit, truncate, f"{texts}: text")
-            inner = None
-            if progress:
-                from tqdm.auto import tqdm
+        todo = distributed.my_share([c for c in cks if c.step not in done])
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
 
-                inner = tqdm(total=len(seqs), desc=f"step {ck.step}", unit="text", leave=False)
-            with distributed.alone():  # this checkpoint is this process's alone
-                record = record_for(model, seqs, [_int_id(r["id"], i) for i, r in enumerate(probes)],
-                                    [r["domain"] for r in probes], batch_size, pad_id, inner, chosen)
-                if inner:
-                    inner.close()
-                ev: dict[str, Any] = {"val_loss": {}, "test": {}}
-                if correctness_dir:
-                    ev["test"] = read_correctness(Path(correctness_dir) / f"{ck.path.name}.json")
-                elif test_rows:
-                    ev["test"] = score_multiple_choice(model, tok, test_rows, limit, batch_size, pad_id, mc_norm,
-                                                       chosen)
-            rundir.write_record(run_dir, ck.step, record, ev)
-            del model, record
-            gc.collect()  # one checkpoint resident at a time
+            bar = tqdm(total=len(todo), desc="checkpoints", unit="ckpt", dynamic_ncols=True)
+        try:
+            for ck in todo:
+                model = chosen.load(ck.path, dtype, progress)
+                tok = load_tokenizer(Path(tokenizer) if tokenizer else ck.path)
+                limit = max_len or chosen.context(model)
+                pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+                seqs = tokenize(tok, [r["text"] for r in probes], limit, truncate, f"{texts}: text")
+                inner = None
+                if progress:
+                    from tqdm.auto import tqdm
+
+                    inner = tqdm(total=len(seqs), desc=f"step {ck.step}", unit="text", leave=False)
+                with distributed.alone():  # this checkpoint is this process's alone
+                    record = record_for(model, seqs, [_int_id(r["id"], i) for i, r in enumerate(probes)],
+                                        [r["domain"] for r in probes], batch_size, pad_id, inner, chosen)
+                    if inner:
+                        inner.close()
+                    ev: dict[str, Any] = {"val_loss": {}, "test": {}}
+                    if correctness_dir:
+                        ev["test"] = read_correctness(Path(correctness_dir) / f"{ck.path.name}.json")
+                    elif test_rows:
+                        ev["test"] = score_multiple_choice(model, tok, test_rows, limit, batch_size, pad_id, mc_norm,
+                                                           chosen)
+                out.write_checkpoint(ck.step, record, ev)
+                del model, record
+                gc.collect()  # one checkpoint resident at a time
+                if bar:
+                    bar.update(1)
+        finally:
             if bar:
-                bar.update(1)
+                bar.close()
+        try:
+            distributed.barrier("trajectory: every checkpoint recorded")
+        except Exception as e:
+            if not distributed.peer_failure(e):
+                raise
+            raise distributed.lost(e, "after its checkpoints", None) from None
+        if distributed.is_writer():
+            out.finish()
     finally:
-        if bar:
-            bar.close()
-    try:
-        distributed.barrier("trajectory: every checkpoint recorded")
-    except Exception as e:
-        if not distributed.peer_failure(e):
-            raise
-        raise distributed.lost(e, "after its checkpoints", None) from None
-    if distributed.is_writer():
-        rundir.write_meta(run_dir, finished=True)
+        out.close()
     return run_dir
 
 

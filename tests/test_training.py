@@ -160,8 +160,21 @@ def test_sigkill_and_resume_is_bitwise_identical(tiny_run, tmp_path):
     assert RunDir(run_dir).steps in ([10], [10, 20])  # the record of step 20 may precede its checkpoint
     # A second kill at a random moment (seeded, so a failure can be replayed).
     delay = random.Random(1234).uniform(2.0, 8.0)
+    t_start = time.monotonic()
     proc = subprocess.Popen(_train_cmd(run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(delay)
+    # Meanwhile a second trainer on the same run directory is refused at once, naming the first.
+    lock = run_dir / ".moegrok.lock"
+    while f"pid {proc.pid} " not in (lock.read_text() if lock.exists() else ""):
+        assert proc.poll() is None and time.monotonic() - t_start < 120
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    second = subprocess.run([sys.executable, "-m", "moegrok.cli", "train", str(TINY), "--run-dir", str(run_dir),
+                             "--no-progress", *SHORT], capture_output=True, text=True, timeout=60)
+    refused_in = time.monotonic() - t0
+    assert second.returncode == 1 and f"already being written by pid {proc.pid} on host" in second.stderr, \
+        second.stderr[-2000:]
+    assert len(second.stderr.strip().splitlines()) == 1 and refused_in < 1.0, (refused_in, second.stderr)
+    time.sleep(max(0.0, delay - (time.monotonic() - t_start)))
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     r = subprocess.run(_train_cmd(run_dir), capture_output=True, text=True, timeout=600)

@@ -97,14 +97,15 @@ def load_runs(paths: Sequence[str | os.PathLike], progress: bool = True) -> list
     runs, names = [], set()
     for p in paths:
         rd = RunDir(p)
-        if len(rd.steps) < 2 * MIN_SEGMENT:
-            raise MoegrokError(f"{rd.path}: {len(rd.steps)} complete checkpoints; the benchmark needs at least "
-                               f"{2 * MIN_SEGMENT}")
+        if not rd.steps:
+            raise MoegrokError(f"{rd.path}: no complete checkpoint records")
         name = rd.path.name if rd.path.name not in names else str(rd.path)
         names.add(name)
         steps, series = ind.run_indicators(rd, progress=progress)
-        runs.append(RunInfo(name, rd.path, steps, run_transitions(rd), series, twin_domains(rd.meta),
-                            rd.meta.get("parent")))
+        # A run too short for a change point still gets its indicator series (series.csv); it has no transition
+        # to judge (a monitor's run in progress, a Trainer with a few saves).
+        judged = run_transitions(rd) if len(rd.steps) >= 2 * MIN_SEGMENT else {}
+        runs.append(RunInfo(name, rd.path, steps, judged, series, twin_domains(rd.meta), rd.meta.get("parent")))
     return runs
 
 
@@ -298,10 +299,20 @@ def fig_leads(rows: Sequence[dict], path: Path) -> None:
     plt.close(fig)
 
 
+SERIES_FIELDS = ["run", "step", "indicator", "domain", "value"]
+
+
+def series_rows(runs: Sequence[RunInfo]) -> list[dict]:
+    """Every indicator's value at every checkpoint: the monitor's own table."""
+    return [{"run": r.name, "step": step, "indicator": name, "domain": d, "value": float(v[i])}
+            for r in runs for name, by_d in r.series.items() for d, v in by_d.items()
+            for i, step in enumerate(r.steps)]
+
+
 def run_benchmark(paths: Sequence[str | os.PathLike], out: str | os.PathLike, progress: bool = True,
                   figures: bool = True) -> tuple[list[dict], list[dict]]:
-    """Write ``indicators.csv`` (summary), ``leads.csv`` (every run x domain x indicator), ``indicators.md`` and
-    ``figures/`` to ``out``; returns (summary, rows)."""
+    """Write ``indicators.csv`` (summary), ``leads.csv`` (every run x domain x indicator), ``series.csv`` (every
+    indicator at every checkpoint), ``indicators.md`` and ``figures/`` to ``out``; returns (summary, rows)."""
     if not paths:
         raise MoegrokError("moegrok indicators: give at least one run directory")
     out = Path(out)
@@ -311,9 +322,13 @@ def run_benchmark(paths: Sequence[str | os.PathLike], out: str | os.PathLike, pr
     summary = summarize(runs, rows)
     write_csv(out / "indicators.csv", summary, SUMMARY_FIELDS)
     write_csv(out / "leads.csv", rows, ROW_FIELDS)
+    write_csv(out / "series.csv", series_rows(runs), SERIES_FIELDS)
     from moegrok.rundir import write_text
 
-    write_text(out / "indicators.md", markdown(runs, summary))
+    short = [r.name for r in runs if len(r.steps) < 2 * MIN_SEGMENT]
+    note = (f"\n{', '.join(short)}: fewer than {2 * MIN_SEGMENT} checkpoints, too few for a change point; their "
+            "indicator values are in series.csv, no transition of theirs is judged.\n") if short else ""
+    write_text(out / "indicators.md", markdown(runs, summary) + note)
     if figures:
         fig_aligned(runs, out / "figures" / "aligned.png")
         fig_leads(rows, out / "figures" / "leads.png")

@@ -25,6 +25,9 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from moegrok.writer import check_unlocked
+
+    check_unlocked(args.run_dir)  # a second trainer on this run directory stops here, before JAX starts
     from moegrok.training.config import load_config_file, request_host_devices
     from moegrok.training.train import RunConfig, parse_fork, train
 

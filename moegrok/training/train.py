@@ -8,6 +8,7 @@ bitwise the same as an uninterrupted run on the same machine and device count.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -38,6 +39,7 @@ from moegrok.model.moe import data_parallel_impl, load_balancing_from_stats, loa
 from moegrok.probe import mean_token_nll, probe_record, score_answers
 from moegrok.training.config import TrainConfig, dataclass_from_dict
 from moegrok.training.optim import lr_schedule, make_optimizer
+from moegrok.writer import RunWriter, acquire_lock, release_lock
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,14 +207,13 @@ def restore_checkpoint(mngr, step: int, model: MoeLM, opt_state):
 
 # ----------------------------------------------------------------------------------------------- run directory
 def prepare_run_dir(run_dir: Path, cfg: RunConfig, corpus, extra_meta: dict | None = None, *,
-                    write: bool = True) -> bool:
-    """Create or validate the run directory. Returns True if it already holds this run (resume). With
-    ``write=False`` (a process other than the writer) it only validates what is there."""
-    if write:
-        run_dir.mkdir(parents=True, exist_ok=True)
+                    write: bool = True) -> tuple[bool, "RunWriter | None"]:
+    """Create or validate the run directory. Returns (True if it already holds this run (resume), the run's writer
+    — None with ``write=False``, a process other than the writer, which only validates what is there)."""
     cfg_path = run_dir / "config.yaml"
     resolved = cfg.to_dict()
-    if cfg_path.exists():
+    resumed = cfg_path.exists()
+    if resumed:
         diffs = config_diffs(load_yaml(cfg_path.read_text()) or {}, cfg, cfg_path)
         if diffs:
             raise MoegrokError(
@@ -222,19 +223,18 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig, corpus, extra_meta: dict | No
         if meta.get("data_fingerprint") not in (None, corpus.fingerprint):
             raise MoegrokError(f"{run_dir}: the training data changed since this run started (corpus fingerprint "
                                f"differs; were the corpus files edited?); resuming would not be one clean epoch")
-        return True
     if not write:
-        return False
-    rundir.write_jsonl(run_dir / "probes.jsonl", corpus.probe_records())
-    rundir.write_jsonl(run_dir / "tests.jsonl", corpus.test_records())
-    rundir.write_meta(run_dir, producer="train", num_layers=cfg.model.num_moe_layers,
-                      num_experts=cfg.model.num_experts, top_k=cfg.model.num_experts_per_tok,
-                      d_model=cfg.model.hidden_size, domains=list(corpus.domains), model_type=cfg.model.family,
-                      router=cfg.model.router,
-                      total_steps=int(corpus_steps(corpus, cfg.train)), finished=False,
-                      data_fingerprint=corpus.fingerprint, corpus=corpus.summary(), **(extra_meta or {}))
-    rundir.write_text(cfg_path, dump_yaml(resolved, sort_keys=True))  # last: config.yaml = a complete start
-    return False
+        return resumed, None
+    meta = dict(num_layers=cfg.model.num_moe_layers, num_experts=cfg.model.num_experts,
+                top_k=cfg.model.num_experts_per_tok, d_model=cfg.model.hidden_size, domains=list(corpus.domains),
+                model_type=cfg.model.family, router=cfg.model.router,
+                total_steps=int(corpus_steps(corpus, cfg.train)), finished=False,
+                data_fingerprint=corpus.fingerprint, corpus=corpus.summary(), **(extra_meta or {}))
+    out = RunWriter(run_dir, producer="train", meta=meta, probes=corpus.probe_records(),
+                    tests=corpus.test_records())
+    if not resumed:
+        rundir.write_text(cfg_path, dump_yaml(resolved, sort_keys=True))  # last: config.yaml = a complete start
+    return resumed, out
 
 
 # How a run is executed, not what it computes: the expert and attention lowerings are tested equal to the plain
@@ -356,9 +356,15 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
     optimizer settings (see FORKABLE): same data order, continuing the epoch at that step; the parent's records up to
     ``step`` are copied so the fork's run directory holds its whole trajectory, and ``meta.json`` names the parent.
     """
+    with contextlib.ExitStack() as held:  # the run directory's writer lock, released however training ends
+        return _train(cfg, Path(run_dir), held, progress=progress, log_sample_ids=log_sample_ids, on_step=on_step,
+                      fork=fork)
+
+
+def _train(cfg: RunConfig, run_dir: Path, held: contextlib.ExitStack, *, progress: bool, log_sample_ids: bool,
+           on_step: Callable[[int], None] | None, fork: tuple[str | os.PathLike, int] | None) -> Path:
     from moegrok.data import build_corpus
 
-    run_dir = Path(run_dir)
     tcfg = cfg.train
     corpus = build_corpus(cfg.data)
     if cfg.model.vocab_size < corpus.tokenizer.vocab_size:
@@ -372,6 +378,8 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
     writer = distributed.is_writer()  # several processes: process 0 alone writes the run directory
     distributed.agree({"config": cfg.to_dict(), "fork": None if fork is None else int(fork[1])},
                       "the run's config (or --fork step)")
+    if writer:  # one writer per run directory (RunWriter), before anything in it is read or written
+        held.callback(release_lock, acquire_lock(run_dir))
     extra_meta = None
     if fork is not None:
         parent, fork_step = Path(fork[0]), int(fork[1])
@@ -386,7 +394,7 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
             distributed.barrier("fork checked")  # nobody copies while another process still reads the parent
             if writer:
                 copy_fork_history(parent, fork_step, run_dir)
-    prepare_run_dir(run_dir, cfg, corpus, extra_meta, write=writer)
+    _, out = prepare_run_dir(run_dir, cfg, corpus, extra_meta, write=writer)
     distributed.barrier("run directory ready")
     num_steps = corpus_steps(corpus, tcfg)
     ckpt_steps = set(checkpoint_steps(num_steps, tcfg))
@@ -419,7 +427,6 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
         from tqdm.auto import tqdm
 
         bar = tqdm(total=num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
-    metrics_f = open(run_dir / "metrics.jsonl" if writer else os.devnull, "a")
     ids_f = open(run_dir / "sample_ids.jsonl" if writer else os.devnull, "a") if log_sample_ids else None
     t_last, tok_since = time.perf_counter(), 0
     step = start
@@ -441,8 +448,8 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
                 now = time.perf_counter()
                 row = {"step": step, **{k: float(v) for k, v in m.items()},
                        "lr": float(sched(step - 1)), "tokens_per_s": tok_since / (now - t_last)}
-                metrics_f.write(json.dumps(row) + "\n")
-                metrics_f.flush()
+                if out is not None:
+                    out.log(step, {k: v for k, v in row.items() if k != "step"})
                 if tb is not None:
                     for k, v in row.items():
                         if k != "step":
@@ -463,17 +470,16 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
                     ids_f.flush()
                     os.fsync(ids_f.fileno())
                 ev["param_norms"] = param_norms(get_params(local))
-                if writer:
-                    rundir.write_record(run_dir, step, record, ev)
+                if out is not None:  # steps after the restored checkpoint are replayed: their records replaced
+                    out.write_checkpoint(step, record, ev, replace=True)
                 # The live monitor: the same registry `moegrok indicators` evaluates afterwards. Logged before the
                 # checkpoint, so a resume from it never lacks the row (rows after a resumed step are dropped).
                 t_ind = time.perf_counter()
                 live = indicators.compute(
                     indicators.Checkpoint(step, types.SimpleNamespace(**{k: np.asarray(v) for k, v in record.items()}),
                                           ev["val_loss"], ev["param_norms"]), corpus.domains)
-                metrics_f.write(json.dumps({"step": step, "indicators": live,
-                                            "indicator_seconds": time.perf_counter() - t_ind}) + "\n")
-                metrics_f.flush()
+                if out is not None:
+                    out.log_indicators(step, live, indicator_seconds=time.perf_counter() - t_ind)
                 save_checkpoint(mngr, step, model, opt_state)
                 if tb is not None:
                     for d, v in ev["val_loss"].items():
@@ -494,7 +500,6 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
             raise
         raise distributed.lost(e, f"at step {step}", mngr.latest_step()) from None
     finally:
-        metrics_f.close()
         if ids_f is not None:
             ids_f.close()
         if bar is not None:
@@ -502,8 +507,9 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
         if tb is not None:
             tb.close()
         mngr.close()
-    if writer:
-        rundir.write_meta(run_dir, finished=True)
+    if out is not None:
+        out.finish()
+        out.close()
     distributed.barrier("finished")
     return run_dir
 
