@@ -16,6 +16,7 @@ from moegrok import distributed
 from moegrok.errors import MoegrokError
 from moegrok.model.model import MoeLM, sample_nll, token_nll
 from moegrok.model.moe import data_parallel_impl
+from moegrok.writer import check_rows
 
 
 @functools.cache
@@ -166,26 +167,7 @@ class ProbeInputError(MoegrokError, ValueError):
 
 
 def _rows(model: MoeLM, tokens_NxT, mask_NxT, where: str, **extra) -> tuple[np.ndarray, ...]:
-    """Checked (tokens int32, mask bool, *extra bool masks): 2-D, one shape, ids inside the model's vocabulary
-    (an id outside it would silently gather garbage embeddings)."""
-    tokens = np.asarray(tokens_NxT)
-    if tokens.ndim != 2 or (tokens.size and tokens.dtype.kind not in "iu"):
-        raise ProbeInputError(f"{where}: tokens must be a 2-D integer array [N, T], got shape {tokens.shape} "
-                              f"dtype {tokens.dtype}")
-    mask = np.asarray(mask_NxT, bool)
-    out = [tokens.astype(np.int32), mask]
-    for name, m in (("mask", mask), *extra.items()):
-        m = np.asarray(m, bool)
-        if m.shape != tokens.shape:
-            raise ProbeInputError(f"{where}: {name} has shape {m.shape}, tokens {tokens.shape}; they must match")
-        if name != "mask":
-            out.append(m)
-    real = tokens[mask]
-    V = model.cfg.vocab_size
-    if real.size and (real.min() < 0 or real.max() >= V):
-        raise ProbeInputError(f"{where}: token ids must be in [0, {V}) (the model's vocab_size); got "
-                              f"{int(real.min())}..{int(real.max())}")
-    return tuple(out)
+    return check_rows(tokens_NxT, mask_NxT, where, model.cfg.vocab_size, ProbeInputError, **extra)
 
 
 def probe_record(model: MoeLM, tokens_NxT: np.ndarray, mask_NxT: np.ndarray, sample_ids: Sequence[int],

@@ -479,28 +479,9 @@ def _vocab_size(model) -> int:
 
 
 def _rows(model, tokens_NxT, mask_NxT, where: str, **extra) -> tuple[np.ndarray, ...]:
-    """Checked (tokens int32, mask bool, *extra bool masks): 2-D, one shape, right-padded, ids in the vocabulary."""
-    tokens = np.asarray(tokens_NxT)
-    if tokens.ndim != 2 or (tokens.size and tokens.dtype.kind not in "iu"):
-        raise CaptureError(f"{where}: tokens must be a 2-D integer array [N, T], got shape {tokens.shape} "
-                           f"dtype {tokens.dtype}")
-    mask = np.asarray(mask_NxT, bool)
-    out = [tokens.astype(np.int32), mask]
-    for name, m in (("mask", mask), *extra.items()):
-        m = np.asarray(m, bool)
-        if m.shape != tokens.shape:
-            raise CaptureError(f"{where}: {name} has shape {m.shape}, tokens {tokens.shape}; they must match")
-        if name != "mask":
-            out.append(m)
-    if mask.size and (np.diff(mask.astype(np.int8), axis=1) > 0).any():
-        bad = np.flatnonzero((np.diff(mask.astype(np.int8), axis=1) > 0).any(axis=1))
-        raise CaptureError(f"{where}: rows {bad[:5].tolist()} are not right-padded (mask must be True then False)")
-    real = tokens[mask]
-    V = _vocab_size(model)
-    if real.size and (real.min() < 0 or real.max() >= V):
-        raise CaptureError(f"{where}: token ids must be in [0, {V}) (the model's vocabulary); got "
-                           f"{int(real.min())}..{int(real.max())}")
-    return tuple(out)
+    from moegrok.writer import check_rows
+
+    return check_rows(tokens_NxT, mask_NxT, where, _vocab_size(model), CaptureError, right_padded=True, **extra)
 
 
 def _token_nll(logits_BxTxV, tokens_BxT):

@@ -178,6 +178,32 @@ def probe_arrays(*, tokens: np.ndarray, token_mask: np.ndarray, sample_loss: np.
     return out
 
 
+def check_rows(tokens_NxT, mask_NxT, where: str, vocab_size: int, error=MoegrokError, right_padded: bool = False,
+               **extra) -> tuple[np.ndarray, ...]:
+    """Token rows a forward can use: (tokens int32, mask bool, *extra bool masks), 2-D, one shape, ids inside the
+    vocabulary (an id outside it would silently gather garbage embeddings); `right_padded`: mask True then False.
+    Raises `error` naming `where` and the argument."""
+    tokens = np.asarray(tokens_NxT)
+    if tokens.ndim != 2 or (tokens.size and tokens.dtype.kind not in "iu"):
+        raise error(f"{where}: tokens must be a 2-D integer array [N, T], got shape {tokens.shape} dtype {tokens.dtype}")
+    mask = np.asarray(mask_NxT, bool)
+    out = [tokens.astype(np.int32), mask]
+    for name, m in (("mask", mask), *extra.items()):
+        m = np.asarray(m, bool)
+        if m.shape != tokens.shape:
+            raise error(f"{where}: {name} has shape {m.shape}, tokens {tokens.shape}; they must match")
+        if name != "mask":
+            out.append(m)
+    if right_padded and mask.size and (np.diff(mask.astype(np.int8), axis=1) > 0).any():
+        bad = np.flatnonzero((np.diff(mask.astype(np.int8), axis=1) > 0).any(axis=1))
+        raise error(f"{where}: rows {bad[:5].tolist()} are not right-padded (mask must be True then False)")
+    real = tokens[mask]
+    if real.size and (real.min() < 0 or real.max() >= vocab_size):
+        raise error(f"{where}: token ids must be in [0, {vocab_size}) (the model's vocabulary); got "
+                    f"{int(real.min())}..{int(real.max())}")
+    return tuple(out)
+
+
 def correctness(ids_by_domain: Mapping[str, Sequence], correct_by_domain: Mapping[str, Sequence]) -> dict:
     """eval.json's "test" entry from per-item correctness: {domain: {"accuracy", "ids", "correct"}}."""
     out = {}

@@ -165,3 +165,26 @@ def test_one_writer_at_a_time_and_kill_9_leaves_the_last_record(tmp_path):
         w.write_checkpoint(20, probe_arrays(**raw(2)))
     assert RunDir(run).steps == [10, 20]
     assert json.loads((run / "meta.json").read_text())["producer"] == "test"
+
+
+def test_writing_needs_numpy_only(tmp_path):
+    """Any training process can write records: importing the writer and writing one record loads neither JAX nor
+    torch."""
+    code = textwrap.dedent(f"""
+        import sys
+        import numpy as np
+        from moegrok.writer import RunWriter, probe_arrays
+        rng = np.random.default_rng(0)
+        rec = probe_arrays(tokens=np.ones((2, 3), np.int64), token_mask=np.ones((2, 3), bool),
+                           sample_loss=np.ones(2, np.float32), topk_ids=np.zeros((2, 3, 1, 1), np.int64),
+                           router_weights=np.ones((1, 2, 4), np.float32), sample_ids=[0, 1], domains=["a", "a"],
+                           router_logits=rng.normal(size=(2, 3, 1, 2)).astype(np.float32), router="sigmoid")
+        with RunWriter({str(tmp_path / 'run')!r}, producer="test") as w:
+            w.write_checkpoint(1, rec)
+        heavy = sorted(m for m in ("jax", "torch", "transformers", "flax") if m in sys.modules)
+        print(heavy)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+    assert RunDir(tmp_path / "run").steps == [1]
