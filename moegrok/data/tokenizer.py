@@ -2,10 +2,16 @@
 
 Both expose the same small interface the corpus and the trainer use: ``encode(text) -> list[int]`` (no special
 tokens added), ``decode(ids, skip_special_tokens=True) -> str``, ``vocab_size``, ``pad_id``, ``bos_id``, ``eos_id``.
+Both export to Hugging Face (:func:`hf_tokenizer`, :func:`save_hf_tokenizer`), so that a converted model directory
+works with ``AutoTokenizer`` and ``pipeline``; :func:`corpus_tokenizer` is a run's tokenizer without its corpus.
 """
 from __future__ import annotations
 
+import functools
+import json
+import os
 import re
+import shutil
 from pathlib import Path
 from typing import Iterable, Protocol, Sequence
 
@@ -115,6 +121,20 @@ class BuiltinTokenizer:
             return f"<0x{i - self._byte_base:02X}>"
         return self._names[i]
 
+    def to_hf(self, model_max_length: int | None = None):
+        """This vocabulary as a ``transformers.PreTrainedTokenizerFast`` that encodes every text to exactly
+        :meth:`encode`'s ids (``add_special_tokens=False``; the default adds ``<bos>`` in front, as every training
+        document starts) and decodes them back to the text. See :func:`hf_builtin_backend` for how."""
+        from transformers import PreTrainedTokenizerFast
+
+        kw = {} if model_max_length is None else {"model_max_length": int(model_max_length)}
+        return PreTrainedTokenizerFast(
+            tokenizer_object=hf_builtin_backend(self), pad_token=RESERVED_TOKENS[0], bos_token=RESERVED_TOKENS[1],
+            eos_token=RESERVED_TOKENS[2], add_bos_token=True, add_eos_token=False,
+            # A literal "<bos>" in a text is bytes, as in encode(); the ids 0-2 come only from add_special_tokens.
+            split_special_tokens=True,
+            clean_up_tokenization_spaces=False, **kw)
+
 
 class HFTokenizer:
     """A Hugging Face tokenizer loaded from a local directory. BOS/EOS/PAD fall back to one another (many tokenizers
@@ -172,3 +192,180 @@ def encode_batch(tok, texts: Sequence[str]) -> list[list[int]]:
     if hasattr(tok, "encode_batch"):
         return tok.encode_batch(texts)
     return [tok.encode(t) for t in texts]
+
+
+# ------------------------------------------------------------------------------------------ Hugging Face export
+HF_SYMBOL_MARK = "\u2581"  # "▁": the exported vocabulary's entry for symbol s is "▁" + byte-level(s)
+_HF_SYMBOL_END = "\u2582"  # "▂": decoder-internal end of a symbol token (neither mark is a byte-level character)
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                      "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
+                      "chat_template.json")
+
+
+@functools.cache
+def _byte_chars() -> tuple[str, ...]:
+    """Byte value -> the character `tokenizers`' ByteLevel normalizer/decoder uses for it (GPT-2's table)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
+    out, extra = {b: chr(b) for b in keep}, 0
+    for b in range(NUM_BYTES):
+        if b not in out:
+            out[b], extra = chr(NUM_BYTES + extra), extra + 1
+    return tuple(out[b] for b in range(NUM_BYTES))
+
+
+def _byte_level(s: str) -> str:
+    table = _byte_chars()
+    return "".join(table[b] for b in s.encode("utf-8"))
+
+
+def _onig_escape(s: str) -> str:
+    """Literal text in an Oniguruma (Ruby syntax) pattern: its metacharacters escaped."""
+    return "".join("\\" + c if c in "\\^$.|?*+()[]{}" else c for c in s)
+
+
+@functools.cache
+def _whitespace_alternatives() -> str:
+    """Every character Python's ``\\s`` matches (what separates the built-in tokenizer's words), byte-level encoded,
+    as an Oniguruma alternation (longest first)."""
+    ws = re.findall(r"\s", "".join(map(chr, range(0x110000))))
+    return "|".join(_onig_escape(w) for w in sorted({_byte_level(c) for c in ws}, key=lambda w: (-len(w), w)))
+
+
+def _trie_pattern(words: Sequence[str]) -> str:
+    """An Oniguruma group matching exactly `words`, factored by common prefixes (a flat alternation of thousands of
+    symbols is tried one by one at every word)."""
+    trie: dict = {}
+    for w in words:
+        node = trie
+        for c in w:
+            node = node.setdefault(c, {})
+        node[""] = {}
+
+    def emit(node: dict) -> str:
+        alts = [_onig_escape(c) + emit(child) for c, child in sorted(node.items()) if c]
+        if not alts:
+            return ""
+        if len(alts) == 1 and "" not in node:
+            return alts[0]
+        return "(?:" + "|".join(alts) + ")" + ("?" if "" in node else "")
+
+    return "(?:" + emit(trie) + ")"
+
+
+def hf_builtin_backend(tok: BuiltinTokenizer):
+    """A ``tokenizers.Tokenizer`` with ``tok``'s ids, reproducing ``tok.encode`` exactly on every text.
+
+    Vocabulary: ``<pad>`` ``<bos>`` ``<eos>``, then symbol s as ``"▁" + byte_level(s)`` (``"▁12"``, ``"▁+"``), then
+    byte b as its byte-level character (``"Ġ"`` for the space, ``"a"`` for 0x61; GPT-2's table).
+    Encoding: (1) the ByteLevel normalizer rewrites the text as byte-level characters, so no text can contain "▁"
+    any more; (2) a regex inserts "▁" in front of every whitespace-delimited word that is a symbol (whitespace:
+    Python's ``\\s``, as in :meth:`BuiltinTokenizer.encode`); (3) the pre-tokenizer drops each single space between
+    two marked words (the space ``encode`` implies), then splits into marked words and single characters; (4) a
+    WordLevel model looks each piece up: a symbol or a byte. So every other character, whitespace included, becomes
+    its UTF-8 bytes. Without byte fallback there are no byte entries and any other text fails ("Missing [UNK]
+    token"), as ``encode`` raises.
+    Decoding: special tokens get a "▁" too; every "▁" token gets an end mark, the tokens are joined, an end mark
+    directly followed by "▁" (two symbols in a row) becomes a space, the marks are removed, and the ByteLevel
+    decoder turns the characters back into UTF-8 (invalid sequences -> U+FFFD, as Python's errors="replace"). Equal
+    to ``tok.decode`` for every id sequence, but with ``skip_special_tokens`` the bytes on both sides of a skipped
+    special token are decoded as one run, not two. Like ``tok.decode``, decoding a continuation on its own gives no
+    space in front of its first symbol (transformers 5's text-generation pipeline appends it to the prompt so).
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    mark, end = HF_SYMBOL_MARK, _HF_SYMBOL_END
+    vocab = {t: i for i, t in enumerate(RESERVED_TOKENS)}
+    for s in tok.symbols:
+        vocab[mark + _byte_level(s)] = tok.token_to_id(s)
+    if tok.byte_fallback:
+        vocab.update({c: tok._byte_base + b for b, c in enumerate(_byte_chars())})
+    if len(vocab) != tok.vocab_size or sorted(vocab.values()) != list(range(tok.vocab_size)):
+        raise MoegrokError("built-in tokenizer: cannot export the vocabulary (ids are not 0..vocab_size-1)")
+    space = _onig_escape(_byte_level(" "))
+    norm = [normalizers.ByteLevel()]
+    if tok.symbols:
+        ws = _whitespace_alternatives()
+        syms = _trie_pattern([_byte_level(s) for s in tok.symbols])
+        norm.append(normalizers.Replace(Regex(rf"(?<=\A|{ws})(?={syms}(?:{ws}|\z))"), mark))
+        word = rf"{mark}(?:(?!{ws}).)+"  # a marked word runs to the next whitespace: it is the symbol
+        pre = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(rf"{word}\K{space}(?={mark})"), "removed"),
+            pre_tokenizers.Split(Regex(rf"{word}|."), "isolated")])
+    else:
+        pre = pre_tokenizers.Split(Regex("."), "isolated")
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))  # "<unk>" is no entry: an unknown piece fails
+    backend.normalizer = normalizers.Sequence(norm)
+    backend.pre_tokenizer = pre
+    specials = "|".join(_onig_escape(t) for t in RESERVED_TOKENS)
+    backend.decoder = decoders.Sequence([
+        decoders.Replace(Regex(rf"\A(?=(?:{specials})\z)"), mark),
+        decoders.Replace(Regex(rf"\A{mark}.*\K\z"), end),
+        decoders.Fuse(),
+        decoders.Replace(Regex(end + mark), _byte_level(" ")),
+        decoders.Replace(Regex(f"[{mark}{end}]"), ""),
+        decoders.ByteLevel()])
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in RESERVED_TOKENS])
+    bos = RESERVED_TOKENS[tok.bos_id]
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, tok.bos_id)])
+    return backend
+
+
+def hf_tokenizer(tok):
+    """``tok`` (built-in or :class:`HFTokenizer`) as a ``transformers`` tokenizer whose pad/bos/eos ids are
+    ``tok``'s. A Hugging Face tokenizer is reloaded from its directory (the caller's object is left alone) and
+    given a pad token when it has none (the one moegrok padded with)."""
+    if isinstance(tok, BuiltinTokenizer):
+        return tok.to_hf()
+    if isinstance(tok, HFTokenizer):
+        from transformers import AutoTokenizer
+
+        out = AutoTokenizer.from_pretrained(tok.directory, local_files_only=True)
+        if out.pad_token_id is None:
+            out.pad_token = out.convert_ids_to_tokens(tok.pad_id)
+        return out
+    raise MoegrokError(f"cannot export a tokenizer of type {type(tok).__name__}")
+
+
+def save_hf_tokenizer(tok, directory: str | os.PathLike, hf=None) -> list[str]:
+    """Write ``tok`` (built-in or :class:`HFTokenizer`) as Hugging Face tokenizer files into the existing
+    ``directory`` (a model directory under construction: the caller makes the whole directory atomic). ``hf``:
+    ``hf_tokenizer(tok)`` if already built. Returns the names of the files written."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise MoegrokError(f"{directory}: not a directory")
+    hf = hf_tokenizer(tok) if hf is None else hf
+    before = set(os.listdir(directory))
+    hf.save_pretrained(str(directory))
+    if isinstance(tok, BuiltinTokenizer):
+        # transformers 5 names its generic class TokenizersBackend; the older alias loads in 4.x and 5.x alike
+        cfg_path = directory / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    return sorted(set(os.listdir(directory)) - before)
+
+
+def copy_hf_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
+    """Copy the tokenizer files of the model directory ``src`` (those of :data:`HF_TOKENIZER_FILES` it has) into
+    ``dst``; returns their names (none: ``src`` has no tokenizer)."""
+    src, dst = Path(src), Path(dst)
+    names = [n for n in HF_TOKENIZER_FILES if (src / n).is_file()]
+    for n in names:
+        shutil.copyfile(src / n, dst / n)
+    return names
+
+
+def corpus_tokenizer(cfg) -> BuiltinTokenizer | HFTokenizer:
+    """The tokenizer :func:`moegrok.data.build_corpus` gives the corpus of ``cfg`` (a DataConfig), without building
+    the corpus: the local Hugging Face tokenizer if ``cfg.tokenizer`` is set, else the built-in vocabulary of the
+    synthetic domains' symbols (facts generated as the corpus does), with byte fallback when a text domain is
+    present."""
+    if cfg.tokenizer is not None:
+        return HFTokenizer(cfg.tokenizer)
+    from moegrok.data.corpus import domain_rng
+    from moegrok.data.synthetic import make_facts
+
+    synth = [d for d in cfg.domains if d.kind != "text"]
+    symbols = dict.fromkeys(s for d in synth for s in make_facts(d, domain_rng(cfg.seed, d.name, "facts")).symbols)
+    return BuiltinTokenizer(list(symbols), byte_fallback=any(d.kind == "text" for d in cfg.domains))
