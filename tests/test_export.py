@@ -15,8 +15,8 @@ import yaml
 
 from moegrok.cli import main
 from moegrok.data import DataConfig, build_corpus
-from moegrok.data.tokenizer import (BuiltinTokenizer, HFTokenizer, _byte_chars, _byte_level, corpus_tokenizer,
-                                    save_hf_tokenizer)
+from moegrok.data.corpus import corpus_tokenizer
+from moegrok.data.tokenizer import BuiltinTokenizer, HFTokenizer, _byte_chars, _byte_level, save_hf_tokenizer
 from moegrok.errors import MoegrokError
 
 # Symbols that stress the export: prefixes of one another, regex metacharacters, non-ASCII, the export's own mark.

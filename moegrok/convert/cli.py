@@ -37,7 +37,8 @@ def run_tokenizer(run: Path):
     """The tokenizer the run in `run` trained with (built-in or HFTokenizer), None when its config.yaml has no
     section 'data' (a run directory not written by the trainer)."""
     from moegrok.data.config import DataConfig
-    from moegrok.data.tokenizer import BuiltinTokenizer, corpus_tokenizer
+    from moegrok.data.corpus import corpus_tokenizer
+    from moegrok.data.tokenizer import BuiltinTokenizer
     from moegrok.rundir import RunDir
 
     rd = RunDir(run)

@@ -223,15 +223,27 @@ def _resolve_steps(cfg: DataConfig, sources: dict[str, _TextSource]) -> int:
     return steps
 
 
+def _facts(cfg: DataConfig) -> dict:
+    return {d.name: make_facts(d, domain_rng(cfg.seed, d.name, "facts")) for d in cfg.domains if d.kind != "text"}
+
+
+def corpus_tokenizer(cfg: DataConfig, facts: dict | None = None):
+    """The corpus's tokenizer: the local Hugging Face tokenizer if ``cfg.tokenizer`` is set, else the built-in
+    vocabulary of the synthetic domains' symbols, with byte fallback when a text domain is present. Without
+    ``facts`` they are generated as :func:`build_corpus` generates them (so `moegrok convert` can rebuild a run's
+    tokenizer from its config alone)."""
+    facts = _facts(cfg) if facts is None else facts
+    symbols = list(dict.fromkeys(s for f in facts.values() for s in f.symbols))
+    return load_tokenizer(cfg.tokenizer, symbols, byte_fallback=any(d.kind == "text" for d in cfg.domains))
+
+
 def build_corpus(cfg: DataConfig) -> "Corpus":
     """Generate/read every domain of ``cfg`` and return the epoch. Deterministic in ``cfg`` (seed included)."""
     if not isinstance(cfg, DataConfig):
         raise MoegrokError(f"build_corpus expects a DataConfig, got {type(cfg).__name__} (use DataConfig.from_dict)")
     synth = [d for d in cfg.domains if d.kind != "text"]
-    facts = {d.name: make_facts(d, domain_rng(cfg.seed, d.name, "facts")) for d in synth}
-    symbols = list(dict.fromkeys(s for d in synth for s in facts[d.name].symbols))
-    has_text = any(d.kind == "text" for d in cfg.domains)
-    tok = load_tokenizer(cfg.tokenizer, symbols, byte_fallback=has_text)
+    facts = _facts(cfg)
+    tok = corpus_tokenizer(cfg, facts)
     tables = {d.name: D.encode_statements(facts[d.name], _word_encoder(tok, f"domain '{d.name}'"), d.name)
               for d in synth}
     _check_prompts_distinct(tables, facts)

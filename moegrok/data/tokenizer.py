@@ -3,7 +3,7 @@
 Both expose the same small interface the corpus and the trainer use: ``encode(text) -> list[int]`` (no special
 tokens added), ``decode(ids, skip_special_tokens=True) -> str``, ``vocab_size``, ``pad_id``, ``bos_id``, ``eos_id``.
 Both export to Hugging Face (:func:`hf_tokenizer`, :func:`save_hf_tokenizer`), so that a converted model directory
-works with ``AutoTokenizer`` and ``pipeline``; :func:`corpus_tokenizer` is a run's tokenizer without its corpus.
+works with ``AutoTokenizer`` and ``pipeline`` (a run's tokenizer without its corpus: `moegrok.data.corpus.corpus_tokenizer`).
 """
 from __future__ import annotations
 
@@ -354,18 +354,3 @@ def copy_hf_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> l
     for n in names:
         shutil.copyfile(src / n, dst / n)
     return names
-
-
-def corpus_tokenizer(cfg) -> BuiltinTokenizer | HFTokenizer:
-    """The tokenizer :func:`moegrok.data.build_corpus` gives the corpus of ``cfg`` (a DataConfig), without building
-    the corpus: the local Hugging Face tokenizer if ``cfg.tokenizer`` is set, else the built-in vocabulary of the
-    synthetic domains' symbols (facts generated as the corpus does), with byte fallback when a text domain is
-    present."""
-    if cfg.tokenizer is not None:
-        return HFTokenizer(cfg.tokenizer)
-    from moegrok.data.corpus import domain_rng
-    from moegrok.data.synthetic import make_facts
-
-    synth = [d for d in cfg.domains if d.kind != "text"]
-    symbols = dict.fromkeys(s for d in synth for s in make_facts(d, domain_rng(cfg.seed, d.name, "facts")).symbols)
-    return BuiltinTokenizer(list(symbols), byte_fallback=any(d.kind == "text" for d in cfg.domains))
