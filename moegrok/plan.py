@@ -51,18 +51,27 @@ class Plan:
 
 def parameter_counts(cfg) -> dict[str, int]:
     """Parameter counts by part, from the config alone (tests compare them with the built model's arrays)."""
-    D, I, E, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, cfg.num_hidden_layers, cfg.vocab_size
+    D, I, E, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, cfg.vocab_size
+    L, n_moe = cfg.num_hidden_layers, cfg.num_moe_layers
     hd, nq, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
     attn = D * nq * hd + 2 * D * nkv * hd + nq * hd * D
-    qk_norm = (nq * hd + nkv * hd) if cfg.qk_norm else 0
+    extra_attn = ((nq + 2 * nkv) * hd if cfg.qkv_bias else 0) + \
+        ((2 * hd if cfg.qk_norm_per_head else (nq + nkv) * hd) if cfg.qk_norm else 0)
     router, expert = D * E, 3 * D * I  # gate, up, down
+    S = cfg.shared_expert_intermediate_size
+    shared = 3 * D * S + (D if cfg.shared_expert_gate else 0)
+    moe_extra = shared + (E if cfg.router == "sigmoid" else 0)
+    dense = 3 * D * (cfg.dense_intermediate_size or I)
     norms = 2 * D
     embed = V * D
     head = 0 if cfg.tie_word_embeddings else V * D
     positions = cfg.max_position_embeddings * D if cfg.position_embedding == "learned" else 0
-    total = embed + head + positions + D + L * (attn + qk_norm + router + E * expert + norms)
-    active = L * (attn + router + cfg.num_experts_per_tok * expert) + V * D  # the LM head is a matmul, tied or not
-    return {"total": total, "active": active, "attention": L * attn, "experts": L * E * expert, "router": L * router}
+    total = embed + head + positions + D + L * (attn + extra_attn + norms) + \
+        n_moe * (router + E * expert + moe_extra) + (L - n_moe) * dense
+    # the LM head is a matmul, tied or not
+    active = L * attn + n_moe * (router + cfg.num_experts_per_tok * expert + shared) + (L - n_moe) * dense + V * D
+    return {"total": total, "active": active, "attention": L * attn, "experts": n_moe * E * expert,
+            "router": n_moe * router}
 
 
 def flops_per_token(cfg, seq_len: int) -> int:
@@ -134,7 +143,7 @@ def register(sub) -> None:
                                    "parameters and optimizer state, model FLOPs per training step (6N + attention), "
                                    "the expert and attention paths the platform gets, and the train step lowered "
                                    "for that platform from this host (--hlo).")
-    p.add_argument("config")
+    p.add_argument("config", help="YAML config, or the name of a packaged config (default, tiny, gpu, ...)")
     p.add_argument("--platform", default="cuda", choices=PLATFORMS, help="target platform (default cuda)")
     p.add_argument("--hlo", metavar="FILE", help="write the lowered train step (StableHLO text) here")
     p.add_argument("overrides", nargs="*", metavar="key=value")

@@ -23,7 +23,10 @@ TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=32, num_hidden_lay
 
 @pytest.mark.parametrize("extra", [{}, {"num_key_value_heads": 1}, {"tie_word_embeddings": True},
                                    {"position_embedding": "learned", "qk_norm": False,
-                                    "max_position_embeddings": 40}])
+                                    "max_position_embeddings": 40},
+                                   {"qkv_bias": True, "qk_norm_per_head": True, "router": "sigmoid",
+                                    "shared_expert_intermediate_size": 24, "shared_expert_gate": True,
+                                    "dense_layers": [0], "dense_intermediate_size": 48}])
 def test_parameter_count_equals_the_built_model(extra):
     cfg = MoeConfig(**TINY, **extra)
     built = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(nnx.eval_shape(lambda: MoeLM(cfg)),
