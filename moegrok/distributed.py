@@ -21,7 +21,7 @@ DEFAULT_TIMEOUT = 60
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("several processes or hosts (README, 'Scaling out')")
+    g = p.add_argument_group("several processes or hosts (docs/scaling.md)")
     g.add_argument("--distributed", action="store_true",
                    help="join a multi-process run: the coordinator, the number of processes and this process's id "
                         f"come from the flags below, else from ${ENV_COORDINATOR}, ${ENV_NUM_PROCESSES}, "

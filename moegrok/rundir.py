@@ -162,12 +162,23 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def method_link(from_dir: str | os.PathLike) -> str:
-    """A Markdown link to docs/METHOD.md (relative to `from_dir` where the package sits in a checkout), for reports:
-    "METHOD §N" in a report refers to that document's sections."""
-    doc = Path(__file__).resolve().parents[1] / "docs" / "METHOD.md"
-    if doc.exists():
-        return f"[docs/METHOD.md]({os.path.relpath(doc, Path(from_dir).resolve())})"
-    return "docs/METHOD.md (in the moegrok repository)"
+    """A Markdown link to the method document for a report written in `from_dir` ("METHOD §N" cites its sections).
+
+    The installed moegrok's METHOD.md is copied into the run directory (`from_dir`, or its parent when that is the
+    run directory, as for RUN_DIR/analysis) and linked relatively, so the link resolves wherever the run directory
+    is moved and however moegrok was installed, and it shows the method of the version that wrote the report."""
+    from importlib import resources
+
+    from moegrok import __version__
+
+    here = Path(from_dir)
+    home = next((d for d in (here, here.parent) if (d / "meta.json").is_file()), here)
+    text = resources.files("moegrok.docs").joinpath("METHOD.md").read_text(encoding="utf-8")
+    copy = home / "METHOD.md"
+    if not copy.is_file() or copy.read_text(encoding="utf-8") != text:
+        home.mkdir(parents=True, exist_ok=True)
+        write_text(copy, text)
+    return f"[METHOD.md]({Path(os.path.relpath(copy, here)).as_posix()}) (moegrok {__version__})"
 
 
 def step_dirname(step: int) -> str:

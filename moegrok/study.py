@@ -75,7 +75,7 @@ def transitions_section(rd) -> list[str]:
     twins = twin_domains(rd.meta)
     late = [d for d, t in tr.items() if t.late_sharp]
     twin_gen = [d for d in twins if d in tr and tr[d].gain > 0.1]
-    return ["## Late, sharp transitions (docs/METHOD.md §9)", "",
+    return ["## Late, sharp transitions (METHOD §9)", "",
             f"Late and sharp in: {', '.join(late) if late else 'no domain'}."
             + (f" Rule-free twins that gained > 0.1 accuracy after memorizing (should not happen): "
                f"{', '.join(twin_gen)}." if twin_gen else ""), "",
@@ -167,7 +167,8 @@ def register(sub) -> None:
     p = sub.add_parser("run", help="the whole study: train, analyze, theory, report (resumable)",
                        description="Train one epoch with probe records, analyze, run the theory on the logged "
                                    "routing and write RUN_DIR/report.md. Re-running resumes.")
-    p.add_argument("config", help="YAML config (sections model / data / train, optional analysis / theory)")
+    p.add_argument("config", help="YAML config (sections model / data / train, optional analysis / theory), or the "
+                                   "name of a packaged config (default, tiny, ...)")
     p.add_argument("--run-dir", help="output directory (default: runs/<config name>)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--no-progress", action="store_true")
@@ -175,8 +176,10 @@ def register(sub) -> None:
 
 
 def _cli(args: argparse.Namespace) -> int:
+    from moegrok.training.config import resolve_config
+
     run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)
-    if not Path(args.config).is_file():
+    if not resolve_config(args.config).is_file():
         raise MoegrokError(f"{args.config}: config file not found")
     run_study(args.config, run_dir, args.overrides, progress=not args.no_progress)
     return 0

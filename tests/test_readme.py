@@ -1,4 +1,4 @@
-"""README's Python examples run as written (those that need downloaded OLMoE checkpoints are skipped)."""
+"""The Python examples of README and docs/ run as written (those that need downloaded OLMoE checkpoints are skipped)."""
 from __future__ import annotations
 
 import re
@@ -6,24 +6,25 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+BLOCKS = [(page.relative_to(ROOT).as_posix(), i, code) for page in PAGES
+          for i, code in enumerate(re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), flags=re.S))]
 
 
-def test_readme_has_python_examples():
+def test_docs_have_python_examples():
     assert len(BLOCKS) >= 3
 
 
-@pytest.mark.parametrize("i", range(len(BLOCKS)))
-def test_readme_python_example_runs(i):
-    code = BLOCKS[i]
+@pytest.mark.parametrize("page,i,code", BLOCKS, ids=[f"{page}-{i}" for page, i, _ in BLOCKS])
+def test_python_example_runs(page, i, code):
     if "ckpts/" in code:
         pytest.skip("needs a downloaded OLMoE checkpoint")
     from moegrok.analysis import indicators
 
     before = set(indicators.REGISTRY)
     try:
-        exec(compile(code, f"README.md python block {i}", "exec"), {})
+        exec(compile(code, f"{page} python block {i}", "exec"), {})
     finally:
         for name in set(indicators.REGISTRY) - before:
             indicators.unregister(name)

@@ -1,4 +1,4 @@
-"""The run directory contract (README "Run directory format"): every documented field round-trips through the
+"""The run directory contract (docs/rundir.md): every documented field round-trips through the
 writers and RunDir, partial and foreign files are invisible or named in a clear error, writes are atomic."""
 from __future__ import annotations
 

@@ -28,7 +28,8 @@ def test_tiny_study_end_to_end(tmp_path):
         assert (run_dir / link).exists(), link
     # the method the report cites is a link that resolves, also inside the embedded analysis report
     methods = [m for m in re.findall(r"\]\(([^)]*METHOD\.md)\)", report)]
-    assert len(methods) >= 2 and all((run_dir / m).resolve() == ROOT / "docs" / "METHOD.md" for m in methods)
+    assert len(methods) >= 2 and all((run_dir / m).resolve() == (run_dir / "METHOD.md").resolve() for m in methods)
+    assert (run_dir / "METHOD.md").read_text() == (ROOT / "docs" / "METHOD.md").read_text()
     assert "## Late, sharp transitions" in report
     first = (run_dir / "records" / "step_000000030" / "probe.npz").stat().st_mtime_ns
     assert main(args) == 0  # resumes: training is complete, nothing is retrained

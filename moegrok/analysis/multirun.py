@@ -1,4 +1,4 @@
-"""Across runs: the metrics study's tables (README "what we found") from analysed run directories.
+"""Across runs: the metrics study's tables (docs/findings.md) from analysed run directories.
 
 Reads only what `moegrok analyze` wrote (``analysis/summary.json``, ``lag.csv``, ``correlations.csv``,
 ``metrics.csv``) for runs grouped by configuration (seeds of one config form a group). Nothing is recomputed here, so

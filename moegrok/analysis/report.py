@@ -98,7 +98,7 @@ def write_outputs(a: Analysis, out: Path, control_dir=None) -> Path:
     write_text(out / "correlations.md", correlation_markdown(a, control_dir))
     write_text(out / "summary.json", json.dumps(summary_dict(a), indent=1, default=_json_default))
     figs = write_figures(a, out / "figures") if a.config.figures else {}
-    write_text(out / "report.md", report_markdown(a, figs, control_dir))
+    write_text(out / "report.md", report_markdown(a, figs, control_dir, out))
     return out
 
 
@@ -165,11 +165,13 @@ def _distance_table(a: Analysis) -> str:
     return "\n".join(lines)
 
 
-def report_markdown(a: Analysis, figs: Mapping[str, tuple[Path, str, str]], control_dir=None) -> str:
+def report_markdown(a: Analysis, figs: Mapping[str, tuple[Path, str, str]], control_dir=None,
+                    out_dir: Path | None = None) -> str:
     d = a.data
     c = a.config
+    where = out_dir if out_dir is not None else d.run.path / "analysis"  # the link is relative to the report
     out = [f"# moegrok analysis of `{d.run.path}`", "",
-           f"\"METHOD §N\" refers to section N of the method document, {method_link(d.run.path / 'analysis')}.", ""]
+           f"\"METHOD §N\" refers to section N of the method document, {method_link(where)}.", ""]
     status = "finished" if d.run.finished else "**not finished (provisional)**"
     out.append(f"Run {status}; {len(d.steps)} checkpoints (steps {d.steps[0]}–{d.steps[-1]}); {d.num_layers} MoE "
                f"layer(s) × {d.num_experts} experts; domains: {', '.join(d.domains)}.")

@@ -41,14 +41,14 @@ class AnalysisConfig:
     epsilon: float | None = None  # fixed ε for every domain instead of the per-domain search
     embedding: str = "auto"  # "auto" | "minilm" | "tfidf"
     correction: str = "bh"  # "bh" | "holm"
-    rise_fraction: float = corr_mod.RISE_FRACTION
-    min_rise: float = corr_mod.MIN_RISE
+    rise_fraction: float = corr_mod.RISE_FRACTION  # METHOD §6: the rise starts at this fraction of the total rise
+    min_rise: float = corr_mod.MIN_RISE  # METHOD §6: a domain whose accuracy rises less has no rise window
     max_pair_samples: int = 4096  # METHOD §4 Decision: all pairs up to this many samples, then a fixed subsample
-    seed: int = 0
+    seed: int = 0  # the fixed subsample of pairs (max_pair_samples) and the TF-IDF fallback
     token_position: int | None = None  # also report the pathway distance of this one token position
     token_align: str = "position"  # token-level pairs: "position" (templated data) or "prefix" (free text)
-    progress: bool = True
-    figures: bool = True
+    progress: bool = True  # progress bars
+    figures: bool = True  # write figures/
     # METHOD §2 uses the whole-sample loss. "answer": the loss over the tokens a document's rules determine (the
     # probe record's optional `answer_loss`), for synthetic documents whose other tokens are irreducible noise.
     memorization_loss: str = "sample"
@@ -469,7 +469,7 @@ METRICS: list[Metric] = [  # the display order of Table 1
 
 def register_metric(name: str, column: str, compute: Callable[[GroupContext], Any], *, group: str = "memorized",
                     direction: int = 0, study: bool = True) -> Metric:
-    """Add a per-checkpoint metric (README, "Extending"): one entry here, one function. Returns it."""
+    """Add a per-checkpoint metric (docs/extending.md): one entry here, one function. Returns it."""
     if any(m.name == name or m.column == column for m in METRICS):
         raise MoegrokError(f"analysis metric {name!r} / column {column!r} is already registered")
     m = Metric(name, group, column, direction, study, compute)

@@ -29,7 +29,7 @@ KNOB_DEFAULTS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "fields": (("retrieval",), {"retrieval": 5}),
     "values": (("retrieval",), {"retrieval": 10}),
     # Held-out share of the *composite* facts (math: all pairs). Math 0.5 and knowledge 0.15 are the settings of the
-    # throwaway prototype that preceded this project (README, "what we found"); code and retrieval have no measurement yet.
+    # throwaway prototype that preceded this project (docs/findings.md); code and retrieval have no measurement yet.
     "heldout_frac": (SYNTHETIC_KINDS, {"math": 0.5, "knowledge": 0.15, "code": 0.2, "retrieval": 0.3}),
 }
 TEXT_ONLY = ("train_path", "test_path")

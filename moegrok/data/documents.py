@@ -2,7 +2,7 @@
 
 A document is BOS followed by ``statements_per_doc`` statements. Training documents are cut from a stream of
 shuffled passes over the training facts, so every fact is stated equally often (+-1) and evenly over the epoch:
-exposures per fact are what limits one-pass learning (README, "what we found"). Documents are made unique (within the epoch and
+exposures per fact are what limits one-pass learning (docs/findings.md). Documents are made unique (within the epoch and
 against the validation documents) by redrawing the rare duplicates.
 """
 from __future__ import annotations

@@ -24,33 +24,33 @@ class MoeConfig:
     below the OLMoE fields are what the other families (`moegrok/families/`) need, each off by default.
     """
 
-    vocab_size: int = 128
-    hidden_size: int = 64
+    vocab_size: int = 128  # token ids the embedding and LM head cover (>= the tokenizer's vocabulary)
+    hidden_size: int = 64  # model width d
     intermediate_size: int = 64  # per routed expert
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
+    num_hidden_layers: int = 4  # decoder layers (MoE unless listed in dense_layers)
+    num_attention_heads: int = 4  # query heads
     num_key_value_heads: int | None = None  # None: = num_attention_heads
-    num_experts: int = 8
-    num_experts_per_tok: int = 2
-    norm_topk_prob: bool = False
-    max_position_embeddings: int = 4096
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-5
-    clip_qkv: float | None = None
-    tie_word_embeddings: bool = False
-    initializer_range: float = 0.02
+    num_experts: int = 8  # routed experts per MoE layer (E)
+    num_experts_per_tok: int = 2  # experts each token is routed to (k)
+    norm_topk_prob: bool = False  # renormalise the k chosen weights to sum 1 (OLMoE: no; Mixtral: yes)
+    max_position_embeddings: int = 4096  # longest sequence (RoPE) or size of the learned position table
+    rope_theta: float = 10000.0  # RoPE base
+    rms_norm_eps: float = 1e-5  # RMSNorm epsilon
+    clip_qkv: float | None = None  # clamp q, k, v to [-clip_qkv, clip_qkv] after the QK-norm (OLMoE option; null: off)
+    tie_word_embeddings: bool = False  # LM head = embedding matrix transposed
+    initializer_range: float = 0.02  # std of the normal initialisation
     router_aux_loss_coef: float = 0.01  # Switch load balancing, as HF
     router_z_loss_coef: float = 0.001  # OLMoE pretraining also used a router z-loss
-    pad_token_id: int | None = 1
-    bos_token_id: int | None = None
-    eos_token_id: int | None = 50279
+    pad_token_id: int | None = 1  # written to the Hugging Face config
+    bos_token_id: int | None = None  # written to the Hugging Face config
+    eos_token_id: int | None = 50279  # written to the Hugging Face config
     # Not in OlmoeConfig: how we compute.
     dtype: str = "float32"  # activations / matmul dtype
-    param_dtype: str = "float32"
+    param_dtype: str = "float32"  # parameter (master weight) dtype
     # Controlled-study options, off by default (the defaults are OLMoE; a model with any of them on has no HF OLMoE
     # counterpart and refuses conversion): GPT-2-style learned absolute positions instead of RoPE, and no QK-norm.
     position_embedding: str = "rope"  # "rope" | "learned" (a [max_position_embeddings, hidden] table added to x)
-    qk_norm: bool = True
+    qk_norm: bool = True  # RMSNorm on q and k before RoPE (OLMoE, Qwen3-MoE)
     # Expert path (moegrok/model/moe.py): "auto" picks by platform; "dense" (every expert: the reference),
     # "ragged", "ragged_dot", "blocked", "tokamax" — all dropless and equal to each other.
     moe_impl: str = "auto"
@@ -63,13 +63,13 @@ class MoeConfig:
     # -- Family switches (moegrok/families/): what Mixtral, Qwen-MoE and GLM-4.5-style models differ in. --
     family: str = "olmoe"  # the Hugging Face model_type this model converts to and from
     attention_head_dim: int | None = None  # None: hidden_size // num_attention_heads
-    qkv_bias: bool = False
+    qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2-MoE, GLM-4.5)
     qk_norm_per_head: bool = False  # with qk_norm: RMSNorm over each head (Qwen3, GLM) instead of the projection
     partial_rotary_factor: float = 1.0  # RoPE on the first fraction of each head's dims (GLM-4.5: 0.5)
     sliding_window: int | None = None  # keys further back than this are masked (Mixtral's option)
     router: str = "softmax"  # "softmax" (top-k of the softmax) | "sigmoid" (+ selection bias, DeepSeek-V3 style)
     n_group: int = 1  # sigmoid router: experts in n_group groups, only the best topk_group groups are eligible
-    topk_group: int = 1
+    topk_group: int = 1  # sigmoid router: groups eligible per token
     routed_scaling_factor: float = 1.0  # multiplies the routed experts' mixing weights
     shared_expert_intermediate_size: int = 0  # 0: no shared expert; else one SwiGLU on every token
     shared_expert_gate: bool = False  # Qwen2-MoE: the shared expert's output scaled by sigmoid(x . w)

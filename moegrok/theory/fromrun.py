@@ -13,7 +13,7 @@ expert family:
   router's geometry (which experts have similar router vectors).
 
 Ridge λ: by default relative, ``λ = lam_rel · Tr(H)/n``. Routing sharpens during training (Tr(G Gᵀ) = Σ‖g_i‖² grows
-from n/E towards n) and weight decay changes router-weight norms (README, "what we found"): with a fixed λ, d_eff would mostly track
+from n/E towards n) and weight decay changes router-weight norms (docs/findings.md): with a fixed λ, d_eff would mostly track
 that scale. A relative λ makes d_eff a measure of spectral shape; an absolute λ can be asked for.
 
 Everything is read through :class:`moegrok.rundir.RunDir`; nothing of the trainer is imported.
@@ -42,8 +42,8 @@ class RunTheoryConfig:
     layer: int = -1  # MoE layer whose routing defines g (negative: from the end)
     lam_rel: float = 0.1  # λ = lam_rel · Tr(H)/n ...
     lam: float | None = None  # ... unless an absolute λ is given
-    tau: float = 0.7
-    encoding: str = "text"
+    tau: float = 0.7  # METHOD §4 τ rule for the pathway distance reported beside d_eff
+    encoding: str = "text"  # pathway encoding: text (the paper's) or expert
     per_domain: bool = True  # rows per domain besides "all"
 
     def __post_init__(self):

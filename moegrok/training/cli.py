@@ -10,7 +10,8 @@ def register(sub) -> None:
     p = sub.add_parser("train", help="train one epoch, writing checkpoints with probe records (resumes)",
                        description="Train a MoE LM for one epoch on the config's corpus. Re-running on a run "
                                    "directory that holds checkpoints of the same config resumes it.")
-    p.add_argument("config", help="YAML config with sections model / data / train")
+    p.add_argument("config", help="YAML config with sections model / data / train, or the name of a packaged "
+                                   "config (default, tiny, ...)")
     p.add_argument("--run-dir", required=True, help="output run directory")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.learning_rate=3e-4 data.seed=1")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -42,25 +42,24 @@ def _jax_started() -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    seed: int = 0
-    learning_rate: float = 1e-3
-    warmup_steps: int = 100
+    seed: int = 0  # model initialisation (the data's order is data.seed's)
+    learning_rate: float = 1e-3  # peak AdamW learning rate
+    warmup_steps: int = 100  # linear warm-up from 0
     schedule: str = "constant"  # after warm-up: constant, cosine or linear decay to min_lr_ratio * learning_rate
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 1.0  # decoupled (AdamW), on matrices only; 0.1 memorizes without generalizing (README)
-    b1: float = 0.9
-    b2: float = 0.98
-    eps: float = 1e-8
-    clip_norm: float = 1.0
+    min_lr_ratio: float = 0.1  # cosine / linear decay ends at this fraction of learning_rate
+    weight_decay: float = 1.0  # decoupled (AdamW), matrices only; 0.1 memorizes, never generalizes (docs/findings.md)
+    b1: float = 0.9  # AdamW beta 1
+    b2: float = 0.98  # AdamW beta 2
+    eps: float = 1e-8  # AdamW epsilon
+    clip_norm: float = 1.0  # global gradient-norm clip (0: off)
     num_checkpoints: int = 10  # evenly spaced over the epoch, the last at the final step (the paper uses 10)
     checkpoint_every: int | None = None  # if set, overrides num_checkpoints
     max_steps: int | None = None  # stop early (the epoch is cut, never repeated)
-    log_every: int = 10
-    eval_batch_size: int = 128
+    log_every: int = 10  # steps between training-scalar rows in metrics.jsonl
+    eval_batch_size: int = 128  # rows per batch of the probe, validation and test evaluations
     mesh_data: int = 1  # devices along the data axis
     mesh_expert: int = 1  # devices along the expert axis
-    tensorboard: bool = True
-
+    tensorboard: bool = True  # also write the scalars to RUN_DIR/tb
     @property
     def mesh_devices(self) -> int:
         return self.mesh_data * self.mesh_expert
@@ -120,8 +119,29 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return out
 
 
+def packaged_configs() -> dict[str, Any]:
+    """The configs that ship with moegrok (the repository's configs/, package data), by name."""
+    from importlib import resources
+
+    return {p.name[:-len(".yaml")]: p for p in resources.files("moegrok.configs").iterdir()
+            if p.name.endswith(".yaml")}
+
+
+def resolve_config(path: str | Path) -> Any:
+    """The config file `path` names: a file as given, or, for a bare name (no '/', no '.yaml') that is not a file,
+    the packaged config of that name, so `moegrok run tiny` works from any directory and from a wheel."""
+    given = str(path)
+    if Path(given).exists() or "/" in given or os.sep in given or given.endswith(".yaml"):
+        return Path(given)
+    shipped = packaged_configs()
+    if given not in shipped:
+        raise MoegrokError(f"{given}: neither a config file nor a packaged config; packaged: "
+                           f"{', '.join(sorted(shipped))} (or give a path to a .yaml file)")
+    return shipped[given]
+
+
 def load_config_file(path: str | Path, overrides: list[str] = ()) -> dict:
-    path = Path(path)
+    path = resolve_config(path)
     if not path.exists():
         raise MoegrokError(f"{path}: config file not found")
     try:
