@@ -78,6 +78,14 @@ if trainer.is_world_process_zero():
 '''
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_trainer(tmp_path: Path, name: str, callback: bool, procs: int = 1) -> tuple[Path, Path, list]:
     out, run_dir = tmp_path / f"{name}_out", tmp_path / f"{name}_run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -85,8 +93,8 @@ def run_trainer(tmp_path: Path, name: str, callback: bool, procs: int = 1) -> tu
     script.write_text(TRAINER_SCRIPT)
     args = [str(script), str(out), str(run_dir), str(Path(__file__).parent), "1" if callback else "0", str(procs)]
     cmd = [sys.executable, *args] if procs == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", "29517",
-         *args]
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port",
+         str(free_port()), *args]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     return out, run_dir, json.loads((out / "history.json").read_text())
