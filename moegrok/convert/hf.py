@@ -213,14 +213,29 @@ def _assign(dst: np.ndarray, src: np.ndarray, transposed: bool = False) -> None:
             dst[r:r + rows, c:c + cols] = src[c:c + cols, r:r + rows].T
 
 
+def _read_in_place(pm, index: Mapping[str, st.TensorInfo], np_dtype) -> bool:
+    """One tensor already in our layout and dtype: the read buffer itself becomes the parameter."""
+    only = pm.parts[0]
+    return len(pm.parts) == 1 and not only.transposed and index[only.key].dtype == st.CODES[np.dtype(np_dtype)]
+
+
+def _temporary_bytes(pm, index: Mapping[str, st.TensorInfo], np_dtype) -> int:
+    """Bytes read into a fresh buffer besides the parameter itself (per-expert parts reuse one scratch buffer)."""
+    if _read_in_place(pm, index, np_dtype) or pm.experts:
+        return 0
+    return max(index[p.key].nbytes for p in pm.parts)
+
+
 def _build_params(maps, read: _Reader, np_dtype, put: Callable[[np.ndarray], Any]) -> dict:
     """Our parameter pytree (string keys, as `get_params`), one parameter at a time through `put`. Every array
     handed to `put` is fresh, C-contiguous and 64-byte aligned; at most one staging buffer is alive at a time."""
     params: dict = {}
-    for pm in maps:
+    # Parameters that need a temporary copy of a whole tensor (a transposed LM head: 98 MiB for OLMoE's vocabulary in
+    # bf16) go first, while little else is resident: last, they raised the peak by that copy (1.18x -> 1.25x).
+    for pm in sorted(maps, key=lambda pm: -_temporary_bytes(pm, read.index, np_dtype)):
         only = pm.parts[0]
-        if len(pm.parts) == 1 and not only.transposed and read.index[only.key].dtype == st.CODES[np.dtype(np_dtype)]:
-            arr = read(only.key, aligned=True)  # already in our layout: the read buffer itself becomes the parameter
+        if _read_in_place(pm, read.index, np_dtype):
+            arr = read(only.key, aligned=True)
         else:
             arr = st.aligned_empty(pm.shape, np_dtype)
             for part in pm.parts:
