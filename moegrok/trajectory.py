@@ -20,7 +20,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -28,7 +28,7 @@ from moegrok import distributed, rundir
 from moegrok.data.user import iter_lines, json_object
 from moegrok.errors import MoegrokError
 from moegrok.training.config import request_host_devices
-from moegrok.writer import RunWriter
+from moegrok.writer import RunWriter, check_probes
 
 # Hub revisions (`step1000-tokens4B`, `stage1-step1000-...`) and transformers' Trainer (`checkpoint-1000`).
 STEP_RES = (re.compile(r"step(\d+)"), re.compile(r"^checkpoint-(\d+)$"))
@@ -96,6 +96,12 @@ def read_texts(path: str | Path) -> list[dict]:
         if not r["text"]:
             raise MoegrokError(f"{path}: text of id {r['id']!r} is empty")
     return rows
+
+
+def test_records(tests: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """Multiple-choice items as tests.jsonl holds them: {"id", "domain", "prompt", "answer"} (the right choice)."""
+    return [{"id": t["id"], "domain": t["domain"], "prompt": t["question"], "answer": t["choices"][t["answer"]]}
+            for t in tests]
 
 
 def read_tests(path: str | Path) -> list[dict]:
@@ -323,8 +329,7 @@ def run(checkpoints: Sequence[str | Path], texts: str | Path, run_dir: str | Pat
     if mc_norm not in ("sum", "mean"):
         raise MoegrokError(f"trajectory: --mc-norm must be 'sum' or 'mean', got {mc_norm!r}")
     probe_rows = [{"id": r["id"], "domain": r["domain"], "text": r["text"]} for r in probes]
-    if (run_dir / "probes.jsonl").exists() and rundir.read_jsonl(run_dir / "probes.jsonl") != probe_rows:
-        raise MoegrokError(f"{run_dir} holds records of other probe texts; use a new --run-dir")
+    check_probes(run_dir, probe_rows)  # on every process, before they agree (RunWriter checks on the writer)
     # Several processes: the same inputs everywhere, checkpoints split between them (each finished one is written
     # once, by the process that computed it), the run directory's other files written by process 0.
     done = set(rundir.RunDir(run_dir).steps) if (run_dir / "meta.json").exists() else set()
@@ -336,9 +341,7 @@ def run(checkpoints: Sequence[str | Path], texts: str | Path, run_dir: str | Pat
     if distributed.is_writer():
         if (run_dir / "meta.json").exists():
             _check_same_backend(run_dir, chosen.name)
-        out = RunWriter(run_dir, producer="trajectory", probes=probe_rows, tests=[
-            {"id": t["id"], "domain": t["domain"], "prompt": t["question"], "answer": t["choices"][t["answer"]]}
-            for t in test_rows], meta=dict(
+        out = RunWriter(run_dir, producer="trajectory", probes=probe_rows, tests=test_records(test_rows), meta=dict(
                 domains=sorted({r["domain"] for r in probes}), finished=False, total_steps=cks[-1].step,
                 checkpoints=[{"path": str(c.path), "step": c.step} for c in cks], model_type=model_type,
                 backend=chosen.name, **shapes))
@@ -365,7 +368,7 @@ def run(checkpoints: Sequence[str | Path], texts: str | Path, run_dir: str | Pat
 
                     inner = tqdm(total=len(seqs), desc=f"step {ck.step}", unit="text", leave=False)
                 with distributed.alone():  # this checkpoint is this process's alone
-                    record = record_for(model, seqs, [_int_id(r["id"], i) for i, r in enumerate(probes)],
+                    record = record_for(model, seqs, [sample_id(r["id"], i) for i, r in enumerate(probes)],
                                         [r["domain"] for r in probes], batch_size, pad_id, inner, chosen)
                     if inner:
                         inner.close()
@@ -415,7 +418,7 @@ def trajectory_model_type(cks: Sequence[Checkpoint]) -> str:
             raise MoegrokError(f"{ck.path / CONFIG}: field 'model_type' missing (expected a transformers config)")
         types.setdefault(d["model_type"], ck.path)
     if len(types) > 1:
-        raise MoegrokError(f"trajectory: the checkpoints are of different families: "
+        raise MoegrokError("trajectory: the checkpoints are of different families: "
                            + ", ".join(f"{p} is {t!r}" for t, p in types.items()))
     return next(iter(types))
 
@@ -467,7 +470,7 @@ def trajectory_shapes(cks: Sequence[Checkpoint], backend: str = "jax") -> dict[s
     return first[1]
 
 
-def _int_id(x, i: int) -> int:
+def sample_id(x, i: int) -> int:
     """Probe records store integer sample ids; string ids map to their row number (probes.jsonl keeps them)."""
     return int(x) if isinstance(x, int) or (isinstance(x, str) and x.isdigit()) else i
 

@@ -27,6 +27,7 @@ from moegrok.errors import MoegrokError
 
 LOCK = ".moegrok.lock"
 ROUTERS = ("softmax", "sigmoid")
+KIND_NAMES = {"iu": "integers", "f": "floats", "biu": "booleans"}
 PRODUCER_ALIASES = {"olmoe": "trajectory"}  # what `moegrok trajectory` was called before it took every family
 
 
@@ -106,8 +107,7 @@ def routing_distribution(router_logits: np.ndarray, router: str) -> np.ndarray:
 def _field(name: str, a: Any, kind: str, ndim: int, where: str) -> np.ndarray:
     a = np.asarray(a)
     if a.dtype.kind not in kind:
-        raise MoegrokError(f"{where}: field '{name}' has dtype {a.dtype}, expected "
-                           f"{ {'iu': 'integers', 'f': 'floats', 'b': 'booleans', 'biu': 'booleans'}.get(kind, kind)}")
+        raise MoegrokError(f"{where}: field '{name}' has dtype {a.dtype}, expected {KIND_NAMES[kind]}")
     if a.ndim != ndim:
         raise MoegrokError(f"{where}: field '{name}' has {a.ndim} dimensions {a.shape}, expected {ndim}")
     return a
@@ -185,7 +185,8 @@ def check_rows(tokens_NxT, mask_NxT, where: str, vocab_size: int, error=MoegrokE
     Raises `error` naming `where` and the argument."""
     tokens = np.asarray(tokens_NxT)
     if tokens.ndim != 2 or (tokens.size and tokens.dtype.kind not in "iu"):
-        raise error(f"{where}: tokens must be a 2-D integer array [N, T], got shape {tokens.shape} dtype {tokens.dtype}")
+        raise error(f"{where}: tokens must be a 2-D integer array [N, T], got shape {tokens.shape} "
+                    f"dtype {tokens.dtype}")
     mask = np.asarray(mask_NxT, bool)
     out = [tokens.astype(np.int32), mask]
     for name, m in (("mask", mask), *extra.items()):
@@ -216,6 +217,14 @@ def correctness(ids_by_domain: Mapping[str, Sequence], correct_by_domain: Mappin
 
 
 # ------------------------------------------------------------------------------------------------------ writer
+def check_probes(run_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Refuse a run directory whose probes.jsonl holds another probe set: its records would not be comparable."""
+    path = Path(run_dir) / "probes.jsonl"
+    if path.exists() and rundir.read_jsonl(path) != [dict(r) for r in rows]:
+        raise MoegrokError(f"{path}: holds another probe set than this run's: another run's directory; "
+                           "use a new one")
+
+
 class RunWriter:
     """Create or resume one run directory and write it; holds the directory's writer lock until `close`.
 
@@ -253,11 +262,8 @@ class RunWriter:
                                        "another run's directory; use a new one")
         if probes is not None:
             rows = [dict(r) for r in probes]
-            path = self.path / "probes.jsonl"
-            if path.exists() and rundir.read_jsonl(path) != rows:
-                raise MoegrokError(f"{path}: holds another probe set than this run's: another run's directory; "
-                                   "use a new one")
-            rundir.write_jsonl(path, rows)
+            check_probes(self.path, rows)
+            rundir.write_jsonl(self.path / "probes.jsonl", rows)
         if tests or not (self.path / "tests.jsonl").exists():
             rundir.write_jsonl(self.path / "tests.jsonl", [dict(t) for t in tests])
         rundir.write_meta(self.path, producer=producer, **meta)

@@ -361,7 +361,8 @@ def test_bad_checkpoints_are_refused_in_one_line(trajectory, tmp_path, capsys):
     for backend in ("jax", "torch"):
         for name, edit in (("missing", lambda w: w.pop("model.layers.1.mlp.gate.weight")),
                            ("misshaped", lambda w: w.update({"model.norm.weight": np.ones(3, np.float32)})),
-                           ("extra", lambda w: w.update({"model.layers.0.mlp.surprise.weight": np.ones(2, np.float32)}))):
+                           ("extra",
+                            lambda w: w.update({"model.layers.0.mlp.surprise.weight": np.ones(2, np.float32)}))):
             bad = tmp_path / f"step2-{backend}-{name}"
             shutil.copytree(dirs[0], bad)
             weights = load_file(bad / "model.safetensors")

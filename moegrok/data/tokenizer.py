@@ -3,7 +3,8 @@
 Both expose the same small interface the corpus and the trainer use: ``encode(text) -> list[int]`` (no special
 tokens added), ``decode(ids, skip_special_tokens=True) -> str``, ``vocab_size``, ``pad_id``, ``bos_id``, ``eos_id``.
 Both export to Hugging Face (:func:`hf_tokenizer`, :func:`save_hf_tokenizer`), so that a converted model directory
-works with ``AutoTokenizer`` and ``pipeline`` (a run's tokenizer without its corpus: `moegrok.data.corpus.corpus_tokenizer`).
+works with ``AutoTokenizer`` and ``pipeline`` (a run's tokenizer without its corpus:
+`moegrok.data.corpus.corpus_tokenizer`).
 """
 from __future__ import annotations
 

@@ -38,7 +38,7 @@ def from_hf(d: Mapping[str, Any], where: str) -> dict[str, Any]:
                 router="sigmoid", n_group=m["n_group"], topk_group=m["topk_group"],
                 routed_scaling_factor=float(m["routed_scaling_factor"]),
                 shared_expert_intermediate_size=n_shared * m["moe_intermediate_size"],
-                dense_layers=tuple(range(min(first_dense, m["num_hidden_layers"]))), family="glm4_moe")
+                dense_layers=tuple(range(min(first_dense, m["num_hidden_layers"]))))
 
 
 def to_hf(cfg) -> dict[str, Any]:

@@ -19,7 +19,7 @@ def from_hf(d: Mapping[str, Any], where: str) -> dict[str, Any]:
     return dict(common_from_hf(m, where, 1e6), intermediate_size=m["intermediate_size"],
                 num_experts=m["num_local_experts"], num_experts_per_tok=m["num_experts_per_tok"],
                 norm_topk_prob=True, qk_norm=False, sliding_window=m["sliding_window"],
-                router_aux_loss_coef=float(m["router_aux_loss_coef"]), family="mixtral")
+                router_aux_loss_coef=float(m["router_aux_loss_coef"]))
 
 
 def to_hf(cfg) -> dict[str, Any]:

@@ -29,7 +29,7 @@ def from_hf(d: Mapping[str, Any], where: str) -> dict[str, Any]:
                 shared_expert_intermediate_size=m["shared_expert_intermediate_size"], shared_expert_gate=True,
                 dense_layers=layers_from_sparse_step(m["num_hidden_layers"], m["decoder_sparse_step"],
                                                      m["mlp_only_layers"], where),
-                router_aux_loss_coef=float(m["router_aux_loss_coef"]), family="qwen2_moe")
+                router_aux_loss_coef=float(m["router_aux_loss_coef"]))
 
 
 def to_hf(cfg) -> dict[str, Any]:

@@ -29,7 +29,7 @@ def from_hf(d: Mapping[str, Any], where: str) -> dict[str, Any]:
                 sliding_window=m["sliding_window"] if m["use_sliding_window"] else None,
                 dense_layers=layers_from_sparse_step(m["num_hidden_layers"], m["decoder_sparse_step"],
                                                      m["mlp_only_layers"], where),
-                router_aux_loss_coef=float(m["router_aux_loss_coef"]), family="qwen3_moe")
+                router_aux_loss_coef=float(m["router_aux_loss_coef"]))
 
 
 def to_hf(cfg) -> dict[str, Any]:

@@ -58,7 +58,7 @@ class _Tokens:
 
     def __call__(self, text: str) -> dict:
         out = self.tok(text)
-        ids = out["input_ids"] if isinstance(out, Mapping) or hasattr(out, "keys") else out
+        ids = out["input_ids"] if hasattr(out, "keys") else out  # a transformers BatchEncoding, or plain ids
         return {"input_ids": [int(i) for i in ids]}
 
 
@@ -123,7 +123,6 @@ class RoutingMonitor:
         self.total_steps, self.producer = total_steps, producer
         self.rank, self.world = _rank()
         self.writer = None
-        self.seconds = 0.0  # time spent recording, for overhead reports
 
     @staticmethod
     def _tests(tests) -> list[dict]:
@@ -137,13 +136,13 @@ class RoutingMonitor:
 
     # -- the run directory --
     def _open(self):
+        from moegrok.trajectory import test_records
         from moegrok.writer import RunWriter
 
         if self.writer is None and self.rank == 0:
             cfg = getattr(self.model, "config", None)
-            self.writer = RunWriter(self.run_dir, producer=self.producer, probes=self.probes, tests=[
-                {"id": t["id"], "domain": t["domain"], "prompt": t["question"], "answer": t["choices"][t["answer"]]}
-                for t in self.tests], meta=dict(
+            self.writer = RunWriter(self.run_dir, producer=self.producer, probes=self.probes,
+                                    tests=test_records(self.tests), meta=dict(
                     num_layers=len(self.spec.routers), num_experts=self.spec.num_experts, top_k=self.spec.top_k,
                     d_model=self.spec.d_model, domains=sorted({r["domain"] for r in self.probes}),
                     model_type=getattr(cfg, "model_type", None) or self.spec.family, router=self.spec.kind,
@@ -152,18 +151,15 @@ class RoutingMonitor:
 
     def record(self, step: int) -> dict[str, float]:
         """Capture, write (rank 0) and return the live indicators as {"moegrok/<indicator>/<domain>": value}."""
-        import time
-
         from moegrok.analysis import indicators
-        from moegrok.trajectory import _int_id, record_for, score_multiple_choice, tokenize, torch_backend
+        from moegrok.trajectory import record_for, sample_id, score_multiple_choice, tokenize, torch_backend
 
-        t0 = time.perf_counter()
         out = self._open()
         backend = dataclasses.replace(torch_backend(), probe_record=self._probe_record,
                                       token_logprobs=self._token_logprobs)
         limit = self.max_len or _context(self.model)
         seqs = tokenize(self.tok, [r["text"] for r in self.probes], limit, False, "probe text")
-        rec = record_for(self.model, seqs, [_int_id(r["id"], i) for i, r in enumerate(self.probes)],
+        rec = record_for(self.model, seqs, [sample_id(r["id"], i) for i, r in enumerate(self.probes)],
                          [r["domain"] for r in self.probes], self.batch_size, self.tok.pad_id, None, backend)
         test = score_multiple_choice(self.model, self.tok, self.tests, limit, self.batch_size, self.tok.pad_id,
                                      "sum", backend) if self.tests else {}
@@ -177,7 +173,6 @@ class RoutingMonitor:
             out.log_indicators(step, values)
             live = {KEY.format(name=n, domain=d): v for n, vs in values.items() for d, v in vs.items()
                     if np.isfinite(v)}
-        self.seconds += time.perf_counter() - t0
         return live
 
     def _probe_record(self, model, *args, **kw):
